@@ -1,0 +1,3 @@
+from fervit.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,202 @@
+"""One configuration tree for a run: presets are JSON files, the CLI only overrides fields.
+
+`RunConfig` serialises to the run folder's `config.json` and back, so any run can be rebuilt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from fervit.errors import FervitError
+
+
+@dataclass
+class DataConfig:
+    root: str = ""  # empty: $FERVIT_DATA, else data/emotion_detection_fer
+    protocol: str = "seed"  # seed: 90/10 split of train/; fer2013: Training/PublicTest/PrivateTest
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    cache_dir: str = ""  # empty: the user's cache dir (platformdirs)
+    strict: bool = False  # corrupt files are fatal instead of skipped
+    drop_eval_duplicates: bool = False  # drop training images pixel-identical to a val/test image
+
+
+@dataclass
+class AugmentConfig:
+    enabled: bool = True
+    hflip: float = 0.5  # probability
+    rotation: float = 10.0  # degrees, uniform in [-r, r]
+    translate: float = 0.1  # fraction of the image, uniform in [-t, t]
+    scale: tuple[float, float] = (0.8, 1.0)  # random resized crop: area fraction kept
+    ratio: tuple[float, float] = (0.75, 1.3333)  # random resized crop: aspect ratio
+    brightness: float = 0.2  # factor uniform in [1-b, 1+b]
+    contrast: float = 0.2  # factor uniform in [1-c, 1+c]
+    erase_p: float = 0.25  # random erasing probability
+    erase_scale: tuple[float, float] = (0.02, 0.2)
+    erase_ratio: tuple[float, float] = (0.3, 3.3)
+    mixup_alpha: float = 0.0  # 0 disables
+    cutmix_alpha: float = 0.0  # 0 disables
+    mix_p: float = 1.0  # probability that a batch is mixed when mixup/cutmix is on
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_cnn"
+    img_size: int = 48
+    in_chans: int = 1
+    num_classes: int = 7
+    patch_size: int = 8  # vit_patch only
+    embed_dim: int = 192
+    depth: int = 6
+    num_heads: int = 6
+    mlp_dim: int = 768
+    dropout: float = 0.15
+    attn_dropout: float = 0.0
+    drop_path: float = 0.0
+    head_hidden: int = 192  # 0: a single linear head
+    stem_channels: tuple[int, ...] = (32, 64)  # vit_cnn: one stage per entry, each halves H and W
+    stem_convs: int = 1  # vit_cnn: 3x3 conv+BN+ReLU layers per stage before its max-pool
+    pretrained: str = ""  # local weights file (safetensors) loaded before training
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_epochs: float = 5.0
+    min_lr_ratio: float = 0.01  # cosine decays to lr * min_lr_ratio
+    label_smoothing: float = 0.1
+    class_weights: str = "none"  # none | balanced (inverse class frequency)
+    sampler: str = "uniform"  # uniform | balanced (each class equally likely per draw)
+    grad_clip: float = 1.0  # 0 disables
+    ema_decay: float = 0.0  # 0 disables; otherwise the EMA weights are evaluated and saved
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 60
+    batch_size: int = 128
+    eval_batch_size: int = 1024
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    compile: str = "auto"  # auto (cuda only) | on | off
+    amp: str = "auto"  # auto (bf16 on cuda) | bf16 | off
+    early_stop_patience: int = 0  # epochs without a better val accuracy; 0 disables
+    time_budget_s: float = 0.0  # >0: after epoch 2, cap epochs to fit this wall time; the cosine re-plans
+    tta: bool = False  # evaluate on the image and its mirror, averaging probabilities
+    output: str = "runs"
+    threads: int = 0  # CPU threads for torch; 0: torch's default
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        return _from_dict(cls, d, "")
+
+
+def _from_dict(cls, d: dict, prefix: str):
+    if not isinstance(d, dict):
+        raise FervitError(f"config section '{prefix or 'root'}' must be a JSON object, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise FervitError(f"unknown config key '{prefix}{unknown[0]}'; known keys: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in d.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _from_dict(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value, hint, key: str):
+    """Turn a JSON value or a command-line string into the field's declared type."""
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.strip("()[] ").split(",") if v.strip()]
+        args = typing.get_args(hint)
+        inner = args[0]
+        return tuple(_coerce(v, inner, key) for v in value)
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                low = value.lower()
+                if low not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                    raise ValueError
+                return low in ("true", "1", "yes", "on")
+            return bool(value)
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if hint is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise FervitError(f"config key '{key}' expects a {hint.__name__}, got {value!r}") from None
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """Apply `section.key=value` strings (e.g. `model.depth=4`, `optim.lr=1e-3`)."""
+    for item in overrides:
+        if "=" not in item:
+            raise FervitError(f"override '{item}' must look like section.key=value, e.g. model.depth=4")
+        path, value = item.split("=", 1)
+        parts = path.strip().split(".")
+        if len(parts) != 2:
+            raise FervitError(f"override '{item}' must name a section and a key, e.g. optim.lr=1e-3")
+        section_name, key = parts
+        section = getattr(cfg, section_name, None)
+        if section is None or not dataclasses.is_dataclass(section):
+            raise FervitError(f"unknown config section '{section_name}'; known: data, augment, model, optim, train")
+        hints = typing.get_type_hints(type(section))
+        if key not in hints:
+            raise FervitError(f"unknown config key '{path}'; known keys in {section_name}: {', '.join(sorted(hints))}")
+        setattr(section, key, _coerce(value, hints[key], path))
+    return cfg
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("fervit.presets").iterdir() if p.name.endswith(".json"))
+
+
+def load_preset(name_or_path: str) -> RunConfig:
+    """A preset by name (shipped in fervit/presets) or a path to a JSON file of the same shape."""
+    path = Path(name_or_path)
+    if path.suffix == ".json" and path.exists():
+        text = path.read_text()
+    else:
+        res = resources.files("fervit.presets") / f"{name_or_path}.json"
+        if not res.is_file():
+            raise FervitError(f"no preset '{name_or_path}'; choose one of {', '.join(preset_names())} or give a .json file")
+        text = res.read_text()
+    try:
+        return RunConfig.from_dict(json.loads(text))
+    except json.JSONDecodeError as e:
+        raise FervitError(f"preset '{name_or_path}' is not valid JSON: {e}") from None
+
+
+def resolve_data_root(root: str) -> str:
+    """The data folder: the configured one, else $FERVIT_DATA, else the original project's default."""
+    return root or os.environ.get("FERVIT_DATA", "") or "data/emotion_detection_fer"

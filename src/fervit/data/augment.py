@@ -1,0 +1,108 @@
+"""Batched augmentation on the training device: per-sample randomness, no per-image Python.
+
+Flip, rotation, translation and random resized crop compose into one affine matrix per sample,
+so the whole geometric part is a single `grid_sample`; jitter and erasing are masked tensor math.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fervit.config import AugmentConfig
+
+MEAN, STD = 0.5, 0.5  # pixel normalisation shared by training, evaluation and inference
+
+
+def normalize(images_u8: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) uint8 -> (B, 1, H, W) float32 in [-1, 1]: the deterministic eval transform."""
+    return (images_u8.unsqueeze(1).float() / 255.0 - MEAN) / STD
+
+
+def _uniform(n: int, low: float, high: float, gen: torch.Generator, device) -> torch.Tensor:
+    return torch.rand(n, generator=gen, device=device) * (high - low) + low
+
+
+def affine_params(cfg: AugmentConfig, n: int, gen: torch.Generator, device) -> torch.Tensor:
+    """Per-sample (n, 2, 3) matrices mapping output to input coordinates in [-1, 1] space."""
+    # random resized crop: keep an area fraction s with aspect ratio r -> half-extents (w, h) <= 1
+    s = _uniform(n, cfg.scale[0], cfg.scale[1], gen, device)
+    log_r = _uniform(n, math.log(cfg.ratio[0]), math.log(cfg.ratio[1]), gen, device)
+    r = torch.exp(log_r)
+    w = torch.sqrt(s * r).clamp(max=1.0)
+    h = torch.sqrt(s / r).clamp(max=1.0)
+    cx = (torch.rand(n, generator=gen, device=device) * 2 - 1) * (1 - w)
+    cy = (torch.rand(n, generator=gen, device=device) * 2 - 1) * (1 - h)
+    # translation as a fraction of the image; [-1, 1] spans 2 units, hence the factor 2
+    tx = _uniform(n, -cfg.translate, cfg.translate, gen, device) * 2
+    ty = _uniform(n, -cfg.translate, cfg.translate, gen, device) * 2
+    theta = _uniform(n, -cfg.rotation, cfg.rotation, gen, device) * (math.pi / 180)
+    flip = torch.where(torch.rand(n, generator=gen, device=device) < cfg.hflip, -1.0, 1.0)
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    # input = R @ diag(w * flip, h) @ output + (cx + tx, cy + ty)
+    mat = torch.stack([
+        torch.stack([cos * w * flip, -sin * h, cx + tx], dim=-1),
+        torch.stack([sin * w * flip, cos * h, cy + ty], dim=-1),
+    ], dim=1)
+    return mat
+
+
+def erase_mask(cfg: AugmentConfig, n: int, size: int, gen: torch.Generator, device) -> torch.Tensor:
+    """(n, 1, size, size) bool: one random rectangle per selected sample (torchvision's RandomErasing)."""
+    area = _uniform(n, cfg.erase_scale[0], cfg.erase_scale[1], gen, device) * size * size
+    ratio = torch.exp(_uniform(n, math.log(cfg.erase_ratio[0]), math.log(cfg.erase_ratio[1]), gen, device))
+    eh = torch.sqrt(area * ratio).round().clamp(1, size)
+    ew = torch.sqrt(area / ratio).round().clamp(1, size)
+    y0 = (torch.rand(n, generator=gen, device=device) * (size - eh + 1)).floor()
+    x0 = (torch.rand(n, generator=gen, device=device) * (size - ew + 1)).floor()
+    on = torch.rand(n, generator=gen, device=device) < cfg.erase_p
+    pos = torch.arange(size, device=device, dtype=torch.float32)
+    rows = (pos[None, :] >= y0[:, None]) & (pos[None, :] < (y0 + eh)[:, None])  # (n, size)
+    cols = (pos[None, :] >= x0[:, None]) & (pos[None, :] < (x0 + ew)[:, None])
+    return (rows[:, :, None] & cols[:, None, :] & on[:, None, None]).unsqueeze(1)
+
+
+def augment_batch(images_u8: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
+    """(B, H, W) uint8 on any device -> (B, 1, H, W) float32 normalised, augmented per sample."""
+    x = images_u8.unsqueeze(1).float() / 255.0
+    if not cfg.enabled:
+        return (x - MEAN) / STD
+    n, _, size, _ = x.shape
+    device = x.device
+    grid = F.affine_grid(affine_params(cfg, n, gen, device), list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    b = _uniform(n, 1 - cfg.brightness, 1 + cfg.brightness, gen, device).view(n, 1, 1, 1)
+    c = _uniform(n, 1 - cfg.contrast, 1 + cfg.contrast, gen, device).view(n, 1, 1, 1)
+    x = x * b
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    x = ((x - mean) * c + mean).clamp(0.0, 1.0)
+    x = (x - MEAN) / STD
+    if cfg.erase_p > 0:
+        x = x.masked_fill(erase_mask(cfg, n, size, gen, device), 0.0)
+    return x
+
+
+def mix_batch(x: torch.Tensor, y: torch.Tensor, cfg: AugmentConfig, num_classes: int, gen: torch.Generator):
+    """Mixup or CutMix on a batch: returns images and soft targets (B, num_classes)."""
+    target = F.one_hot(y, num_classes).float()
+    use_mixup, use_cutmix = cfg.mixup_alpha > 0, cfg.cutmix_alpha > 0
+    if not (use_mixup or use_cutmix) or float(torch.rand(1, generator=gen, device=x.device)) > cfg.mix_p:
+        return x, target
+    perm = torch.randperm(len(x), generator=gen, device=x.device)
+    pick_cutmix = use_cutmix and (not use_mixup or float(torch.rand(1, generator=gen, device=x.device)) < 0.5)
+    alpha = cfg.cutmix_alpha if pick_cutmix else cfg.mixup_alpha
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    if pick_cutmix:
+        size = x.shape[-1]
+        cut = int(size * math.sqrt(1 - lam))
+        cy, cx = (int(v) for v in torch.randint(0, size, (2,), generator=gen, device=x.device))
+        y0, y1 = max(cy - cut // 2, 0), min(cy + cut // 2, size)
+        x0, x1 = max(cx - cut // 2, 0), min(cx + cut // 2, size)
+        x = x.clone()
+        x[:, :, y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]
+        lam = 1 - (y1 - y0) * (x1 - x0) / (size * size)
+    else:
+        x = lam * x + (1 - lam) * x[perm]
+    return x, lam * target + (1 - lam) * target[perm]

@@ -1,0 +1,61 @@
+"""Evaluate a model on a split of device-resident uint8 images, and write results + figures."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fervit.data.augment import normalize
+from fervit.data.dataset import CLASSES
+from fervit.evaluation.metrics import classification_report, confusion_matrix
+from fervit.evaluation.plots import confusion_matrix_png
+
+
+def autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor, indices: torch.Tensor, batch_size: int = 1024,
+                   amp_dtype: torch.dtype | None = None, tta: bool = False) -> torch.Tensor:
+    """Logits (N, C) float32 for images[indices], no augmentation (mirror-averaged with `tta`)."""
+    model.eval()
+    device = images.device
+    out = []
+    for start in range(0, len(indices), batch_size):
+        x = normalize(images[indices[start:start + batch_size]])
+        with autocast(device, amp_dtype):
+            logits = model(x).float()
+            if tta:  # average log-probabilities of the face and its mirror image
+                logits = (F.log_softmax(logits, -1) + F.log_softmax(model(x.flip(-1)).float(), -1)) / 2
+        out.append(logits)
+    return torch.cat(out) if out else torch.zeros(0, len(CLASSES), device=device)
+
+
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
+             batch_size: int = 1024, amp_dtype: torch.dtype | None = None, tta: bool = False) -> dict:
+    """Loss, accuracy and predictions on one split; stays on the device until the final read."""
+    logits = predict_logits(model, images, indices, batch_size, amp_dtype, tta)
+    y = labels[indices]
+    loss = F.cross_entropy(logits, y) if len(y) else torch.tensor(0.0)
+    preds = logits.argmax(-1)
+    acc = (preds == y).float().mean() if len(y) else torch.tensor(0.0)
+    return {"loss": float(loss), "acc": float(acc), "preds": preds.cpu(), "labels": y.cpu(),
+            "logits": logits.cpu()}
+
+
+def split_report(result: dict, split: str, run_dir: Path | None = None, figure_name: str = "") -> dict:
+    """The results.json section for one split; draws its confusion matrix when asked."""
+    cm = confusion_matrix(result["preds"], result["labels"], len(CLASSES))
+    report = classification_report(cm, CLASSES)
+    report["loss"] = result["loss"]
+    if run_dir is not None and figure_name:
+        confusion_matrix_png(cm, CLASSES, run_dir / figure_name,
+                             title=f"{split} confusion matrix (row-normalised), accuracy {report['accuracy']:.1%}")
+    return report

@@ -1,0 +1,99 @@
+"""`fervit evaluate`: re-evaluate any saved model on a split and regenerate its figures and results."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from fervit.config import RunConfig, resolve_data_root
+from fervit.data.dataset import load_fer
+from fervit.data.splits import make_splits
+from fervit.errors import FervitError
+from fervit.evaluation.evaluate import evaluate, predict_logits, split_report
+from fervit.evaluation.plots import curves_png
+from fervit.io import write_json
+from fervit.models import count_parameters
+from fervit.runs import read_metrics_csv
+from fervit.training.checkpoint import find_checkpoint, load_model
+from fervit.training.trainer import resolve_amp, resolve_device
+
+
+def evaluate_checkpoint(checkpoint: str | list[str], split: str = "test", data_root: str | None = None,
+                        protocol: str | None = None, device: str = "auto", tta: bool = False,
+                        cache_dir: str | None = None, strict: bool = False, output: str | None = None) -> str:
+    """Evaluate and write results.json (the split's section) plus its confusion matrix; returns a summary.
+
+    Several checkpoints make an ensemble: their softmax probabilities are averaged. The data protocol
+    comes from the first checkpoint's run folder.
+    """
+    checkpoints = [checkpoint] if isinstance(checkpoint, str) else list(checkpoint)
+    all_weights = [find_checkpoint(c) for c in checkpoints]
+    weights = all_weights[0]
+    run_dir = weights.parent
+    cfg_path = run_dir / "config.json"
+    cfg = RunConfig.from_dict(json.loads(cfg_path.read_text())) if cfg_path.is_file() else RunConfig()
+    if data_root:
+        cfg.data.root = data_root
+    if protocol:
+        cfg.data.protocol = protocol
+    if cache_dir:
+        cfg.data.cache_dir = cache_dir
+    cfg.data.root = resolve_data_root(cfg.data.root)
+    if len(all_weights) > 1 and not output:
+        raise FervitError("an ensemble of several checkpoints needs --output DIR for its results")
+    out_dir = Path(output) if output else run_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not os.access(out_dir, os.W_OK):
+        raise FervitError(f"cannot write results into '{out_dir}'; pass --output DIR")
+    dev = resolve_device(device)
+    models = [load_model(w, dev) for w in all_weights]
+    model, meta = models[0]
+    data = load_fer(cfg.data.root, cfg.data.cache_dir or None, strict)
+    splits = make_splits(data, cfg.data.protocol, cfg.data.val_fraction, cfg.data.split_seed,
+                         cfg.data.drop_eval_duplicates)
+    idx = splits.val if split == "val" else splits.test
+    if len(idx) == 0:
+        raise FervitError(f"the {cfg.data.protocol} protocol has no {split} images in '{cfg.data.root}'")
+    amp = resolve_amp("auto", dev)
+    images, labels, idx_dev = data.images.to(dev), data.labels.to(dev), idx.to(dev)
+    if len(models) == 1:
+        res = evaluate(model, images, labels, idx_dev, 1024, amp, tta)
+    else:
+        res = evaluate_ensemble([m for m, _ in models], images, labels, idx_dev, amp, tta)
+    figure = "confusion_matrix.png" if split == "test" else "confusion_matrix_val.png"
+    report = split_report(res, "test" if split == "test" else "validation", out_dir, figure)
+    results_path = out_dir / "results.json"
+    results = {}
+    if results_path.is_file():
+        try:
+            results = json.loads(results_path.read_text())
+        except json.JSONDecodeError:
+            results = {}
+    results.update({"model": meta["model"]["name"], "params": sum(count_parameters(m) for m, _ in models),
+                    "protocol": cfg.data.protocol, "data_root": str(cfg.data.root),
+                    "split_sizes": splits.sizes(), "classes": meta["classes"], "checkpoint": str(weights) if len(models) == 1 else [str(w) for w in all_weights]})
+    results[split] = {**report, "tta": tta}
+    write_json(results_path, results)
+    metrics_csv = run_dir / "training_metrics.csv"
+    if metrics_csv.is_file():
+        rows = read_metrics_csv(metrics_csv)
+        if rows:
+            curves_png(rows, "loss", out_dir / "loss_curve.png", "cross-entropy loss")
+            curves_png(rows, "acc", out_dir / "accuracy_curve.png", "accuracy")
+    what = meta["model"]["name"] if len(models) == 1 else f"ensemble of {len(models)}"
+    return (f"{what}{' +tta' if tta else ''} on {cfg.data.protocol}/{split} ({len(idx)} images): accuracy "
+            f"{report['accuracy']:.4f}, macro F1 {report['macro_avg']['f1']:.4f} -> {results_path}")
+
+
+def evaluate_ensemble(models, images, labels, indices, amp_dtype, tta: bool) -> dict:
+    """Average the members' softmax probabilities; the result has evaluate()'s shape."""
+    import torch.nn.functional as F
+
+    probs = sum(F.softmax(predict_logits(m, images, indices, 1024, amp_dtype, tta), -1) for m in models) / len(models)
+    logp = probs.clamp(min=1e-12).log()
+    y = labels[indices]
+    return {"loss": float(F.nll_loss(logp, y)), "acc": float((probs.argmax(-1) == y).float().mean()),
+            "preds": probs.argmax(-1).cpu(), "labels": y.cpu(), "logits": logp.cpu()}

@@ -1,0 +1,41 @@
+"""Models are created by name: `create_model("vit_cnn", depth=8)` or `build_model(cfg)`."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch.nn as nn
+
+from fervit.config import ModelConfig
+from fervit.errors import FervitError
+
+_MODELS: dict[str, Callable[[ModelConfig], nn.Module]] = {}
+
+
+def register_model(name: str):
+    def wrap(fn):
+        _MODELS[name] = fn
+        return fn
+    return wrap
+
+
+def model_names() -> list[str]:
+    return sorted(_MODELS)
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    if cfg.name not in _MODELS:
+        raise FervitError(f"unknown model '{cfg.name}'; choose one of {', '.join(model_names())}")
+    try:
+        return _MODELS[cfg.name](cfg)
+    except ValueError as e:
+        raise FervitError(f"cannot build {cfg.name}: {e}") from None
+
+
+def create_model(name: str, **overrides) -> nn.Module:
+    return build_model(dataclasses.replace(ModelConfig(name=name), **overrides))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,103 @@
+"""The two model families: a patch ViT and the CNN-stem + ViT hybrid.
+
+Both share `Encoder`: [CLS] + learnable positions -> pre-norm blocks -> norm -> MLP head on [CLS].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from fervit.config import ModelConfig
+from fervit.models.layers import Block, init_weights
+from fervit.models.registry import register_model
+
+
+class Encoder(nn.Module):
+    """Token sequence (B, T, C) -> class logits (B, num_classes), read off the [CLS] token."""
+
+    def __init__(self, cfg: ModelConfig, num_tokens: int):
+        super().__init__()
+        dim = cfg.embed_dim
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens + 1, dim))
+        self.pos_drop = nn.Dropout(cfg.dropout)
+        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear stochastic depth
+        self.blocks = nn.ModuleList(
+            Block(dim, cfg.num_heads, cfg.mlp_dim, cfg.dropout, cfg.attn_dropout, r) for r in rates)
+        self.norm = nn.LayerNorm(dim)
+        if cfg.head_hidden:
+            self.head = nn.Sequential(nn.Linear(dim, cfg.head_hidden), nn.GELU(), nn.Dropout(cfg.dropout),
+                                      nn.Linear(cfg.head_hidden, cfg.num_classes))
+        else:
+            self.head = nn.Linear(dim, cfg.num_classes)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        B = tokens.shape[0]
+        x = torch.cat([self.cls_token.expand(B, -1, -1), tokens], dim=1)  # (B, 1 + T, C)
+        x = self.pos_drop(x + self.pos_embed)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x[:, 0]))
+
+
+class VisionTransformerEmotion(nn.Module):
+    """Patch ViT: non-overlapping patch_size x patch_size patches embedded by a strided conv."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.img_size % cfg.patch_size:
+            raise ValueError(f"img_size {cfg.img_size} is not divisible by patch_size {cfg.patch_size}")
+        self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, stride=cfg.patch_size)
+        self.num_tokens = (cfg.img_size // cfg.patch_size) ** 2
+        self.encoder = Encoder(cfg, self.num_tokens)
+        self.apply(init_weights)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)  # (B, C, H/p, W/p)
+        return self.encoder(x.flatten(2).transpose(1, 2))  # tokens (B, T, C)
+
+
+def conv_stem(in_chans: int, channels: tuple[int, ...], convs_per_stage: int) -> nn.Sequential:
+    """Stages of [3x3 conv + BN + ReLU] x convs_per_stage, each closed by a 2x2 max-pool."""
+    layers, prev = [], in_chans
+    for ch in channels:
+        for _ in range(convs_per_stage):
+            layers += [nn.Conv2d(prev, ch, 3, padding=1, bias=False), nn.BatchNorm2d(ch), nn.ReLU(inplace=True)]
+            prev = ch
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers)
+
+
+class VisionTransformerEmotionCNN(nn.Module):
+    """CNN stem -> feature map tokens -> linear projection -> ViT encoder.
+
+    With the default stem (32, 64 channels, one conv each) a 48x48 face becomes 64x12x12: 144 tokens.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.stem = conv_stem(cfg.in_chans, cfg.stem_channels, cfg.stem_convs)
+        side = cfg.img_size // 2 ** len(cfg.stem_channels)
+        if side < 1:
+            raise ValueError(f"{len(cfg.stem_channels)} stem stages shrink a {cfg.img_size}px image to nothing")
+        self.num_tokens = side * side
+        self.proj = nn.Linear(cfg.stem_channels[-1], cfg.embed_dim)
+        self.encoder = Encoder(cfg, self.num_tokens)
+        self.apply(init_weights)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)  # (B, 64, 12, 12)
+        return self.encoder(self.proj(x.flatten(2).transpose(1, 2)))  # tokens (B, 144, 192)
+
+
+@register_model("vit_patch")
+def vit_patch(cfg: ModelConfig) -> nn.Module:
+    return VisionTransformerEmotion(cfg)
+
+
+@register_model("vit_cnn")
+def vit_cnn(cfg: ModelConfig) -> nn.Module:
+    return VisionTransformerEmotionCNN(cfg)

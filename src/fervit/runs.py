@@ -1,0 +1,84 @@
+"""Run folders: naming, the metrics CSV, and the table of all runs."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from pathlib import Path
+
+from fervit.config import RunConfig
+from fervit.io import atomic_write
+
+METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")
+
+
+def make_run_dir(output: str | Path, cfg: RunConfig) -> Path:
+    """runs/<YYYYmmdd_HHMMSS>_<model>_ed<dim>_d<depth>_h<heads>_lr<lr>/, made unique with a suffix."""
+    m = cfg.model
+    base = f"{time.strftime('%Y%m%d_%H%M%S')}_{m.name}_ed{m.embed_dim}_d{m.depth}_h{m.num_heads}_lr{cfg.optim.lr:g}"
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        path = out / (base if n == 1 else f"{base}_{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a unique run folder under {out}")
+
+
+def write_metrics_csv(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    with atomic_write(path, "w") as f:
+        f.write(buf.getvalue())
+
+
+def read_metrics_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def collect_runs(root: str | Path) -> list[dict]:
+    """One summary per run folder under `root` (searched recursively), oldest first."""
+    rows = []
+    for results_path in sorted(Path(root).rglob("results.json")):
+        run = results_path.parent
+        try:
+            res = json.loads(results_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        rows.append({
+            "run": str(run),
+            "model": res.get("model", "?"),
+            "params": res.get("params"),
+            "protocol": res.get("protocol", "?"),
+            "best_val_acc": res.get("best_val_acc"),
+            "test_acc": (res.get("test") or {}).get("accuracy"),
+            "epochs": res.get("epochs_completed"),
+            "wall_s": res.get("wall_seconds"),
+        })
+    return rows
+
+
+def format_runs_table(rows: list[dict]) -> str:
+    if not rows:
+        return "no runs found"
+    headers = ("run", "model", "params", "protocol", "epochs", "best val acc", "test acc", "wall time")
+
+    def pct(v):
+        return "-" if v is None else f"{v:.2%}"
+
+    body = [(Path(r["run"]).name, r["model"], "-" if r["params"] is None else f"{r['params'] / 1e6:.2f}M",
+             r["protocol"], "-" if r["epochs"] is None else str(r["epochs"]), pct(r["best_val_acc"]),
+             pct(r["test_acc"]), "-" if r["wall_s"] is None else f"{r['wall_s']:.0f}s") for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths)) for b in body]
+    return "\n".join(lines)
