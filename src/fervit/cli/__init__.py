@@ -1,0 +1,46 @@
+"""`fervit` command line. Each module in this package adds one command family through
+`add_parser(subparsers)`, which sets `func` on its parser; `main` finds them all."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+import warnings
+
+from fervit.errors import FervitError
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    """The dataset options every data-reading command shares."""
+    p.add_argument("--data", help="dataset root (folder layout or fer2013.csv); default $FERVIT_DATA "
+                                  "or data/emotion_detection_fer")
+    p.add_argument("--cache-dir", help="where the decoded tensor cache lives (default: the user cache dir)")
+    p.add_argument("--strict", action="store_true", help="fail on corrupt image files instead of skipping them")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fervit import __version__
+
+    parser = argparse.ArgumentParser(prog="fervit", description="Facial emotion recognition with Vision Transformers")
+    parser.add_argument("--version", action="version", version=f"fervit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        if hasattr(module, "add_parser"):
+            module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"fervit: warning: {msg}\n"
+    try:
+        return int(args.func(args) or 0)
+    except FervitError as e:
+        print(f"fervit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fervit: interrupted", file=sys.stderr)
+        return 130

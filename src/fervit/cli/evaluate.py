@@ -1,0 +1,42 @@
+"""`fervit evaluate` and `fervit runs`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fervit.cli import add_data_args
+from fervit.errors import FervitError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("evaluate", help="re-evaluate a saved model, regenerate its figures and results")
+    p.add_argument("checkpoint", nargs="+", help="run folder or .safetensors checkpoint; several make an ensemble")
+    p.add_argument("--split", choices=["val", "test"], default="test")
+    add_data_args(p)
+    p.add_argument("--protocol", choices=["seed", "fer2013"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--tta", action="store_true", help="average the prediction with the mirrored face's")
+    p.add_argument("--output", help="where to write results (default: the run folder)")
+    p.set_defaults(func=run_evaluate)
+
+    p = sub.add_parser("runs", help="table of all runs under a folder")
+    p.add_argument("dir", nargs="?", default="runs")
+    p.set_defaults(func=run_runs)
+
+
+def run_evaluate(args) -> int:
+    from fervit.evaluation.rerun import evaluate_checkpoint
+
+    print(evaluate_checkpoint(args.checkpoint, split=args.split, data_root=args.data, protocol=args.protocol,
+                              device=args.device, tta=args.tta, cache_dir=args.cache_dir, strict=args.strict,
+                              output=args.output))
+    return 0
+
+
+def run_runs(args) -> int:
+    from fervit.runs import collect_runs, format_runs_table
+
+    if not Path(args.dir).is_dir():
+        raise FervitError(f"no run folder '{args.dir}'; train one with `fervit train` or name the folder")
+    print(format_runs_table(collect_runs(args.dir)))
+    return 0
