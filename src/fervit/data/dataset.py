@@ -59,6 +59,12 @@ class FerData:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def subset(self, indices) -> FerData:
+        """A FerData holding only `indices` (e.g. a small slice for a quick run)."""
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        return FerData(self.images[idx], self.labels[idx], self.folder[idx], self.usage[idx],
+                       [self.paths[i] for i in idx.tolist()], 0)
+
 
 def class_index(name: str) -> int | None:
     """The class index of a folder name, accepting the known spellings in any case."""
