@@ -1,0 +1,26 @@
+"""`fervit export`: a trained model as ONNX, checked against PyTorch on real test faces."""
+
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("export", help="export a model to ONNX (dynamic batch) and check it against PyTorch",
+                       description="Write MODEL.onnx beside the checkpoint (or --output), then compare ONNX Runtime "
+                                   "with PyTorch on real FER-2013 test faces: probabilities must agree within "
+                                   "1e-4 and accuracy must be identical.")
+    p.add_argument("checkpoint", help="run folder or .safetensors checkpoint")
+    p.add_argument("--output", help="the .onnx file to write (default: beside the checkpoint)")
+    p.add_argument("--data", help="FER-2013 folder whose test/ faces the check uses (default $FERVIT_DATA or "
+                                  "data/emotion_detection_fer)")
+    p.add_argument("--check-images", type=int, default=512, metavar="N",
+                   help="test faces to compare on (0 skips the check)")
+    p.set_defaults(func=run_export)
+
+
+def run_export(args) -> int:
+    from fervit.inference.onnx import export_checkpoint
+
+    path, report = export_checkpoint(args.checkpoint, args.output, args.data, args.check_images)
+    print(f"wrote {path}")
+    print(f"check: {report.summary()}" if report else "check skipped (--check-images 0)")
+    return 0

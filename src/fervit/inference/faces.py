@@ -1,0 +1,140 @@
+"""Read photos, find the faces in them, and cut each face out the way FER-2013's faces were made.
+
+FER-2013 was itself built by running an OpenCV face detector over web images, so the Haar cascade
+that ships inside OpenCV's wheel frames a face almost exactly like a training image: measured on
+FER test faces pasted onto larger canvases, its box covers ~96% of the FER crop's width, 1-2% in
+from the top-left corner. `MARGIN` adds that back, and `face_crop` then converts to 48x48
+grayscale with the same PIL operations as `fervit.data.dataset.decode_image`.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from fervit.data.dataset import IMG_SIZE
+from fervit.errors import FervitError
+
+# Formats a photo may come in (JPEG includes cameras' MPO files); PIL would also open EPS (through Ghostscript) and other rarities we never need.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+MAX_PIXELS = 50_000_000  # a 50 MP photo decodes to 150 MB of RGB; larger is refused before decoding
+FACE_CROP_MAX_SIDE = 128  # images whose longer side is at most this are taken to be face crops already
+MARGIN = 0.02  # fraction of the box added on every side: turns a Haar box into FER-2013's framing
+CASCADE = "haarcascade_frontalface_alt2.xml"
+DETECT_MAX_SIDE = 960  # photos are shrunk to this for detection (speed); faces are cut from the full image
+
+
+class ImageError(Exception):
+    """One input could not be used as an image; the message is the per-file report."""
+
+
+@dataclass(frozen=True)
+class Box:
+    """A face rectangle in the (EXIF-rotated) image's pixel coordinates."""
+
+    x: int
+    y: int
+    w: int
+    h: int
+
+    def as_list(self) -> list[int]:
+        return [self.x, self.y, self.w, self.h]
+
+
+def open_image(source: str | Path | bytes | BinaryIO, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode a photo (path, bytes or file object), upright per its EXIF orientation; `ImageError` if unusable."""
+    if isinstance(source, bytes):
+        source = io.BytesIO(source)
+    try:
+        im = Image.open(source, formats=IMAGE_FORMATS)
+    except FileNotFoundError:
+        raise ImageError("no such file") from None
+    except IsADirectoryError:
+        raise ImageError("is a folder") from None
+    except UnidentifiedImageError:
+        raise ImageError("not an image (readable: jpeg, png, webp, bmp, gif, tiff)") from None
+    except OSError as e:
+        raise ImageError(f"cannot read ({e.strerror or e})") from None
+    w, h = im.size
+    if w * h > max_pixels:
+        im.close()
+        raise ImageError(f"too large: {w}x{h} pixels is more than the {max_pixels / 1e6:g} MP limit")
+    try:
+        im.load()
+        im = ImageOps.exif_transpose(im)
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        raise ImageError(f"damaged {im.format} image ({e})") from None
+    return im
+
+
+def to_gray(im: Image.Image) -> Image.Image:
+    """Mode L exactly as training converts: palette/alpha images go through RGB first."""
+    if im.mode not in ("L", "RGB"):
+        im = im.convert("RGBA").convert("RGB") if "A" in im.mode or im.mode == "P" else im.convert("RGB")
+    return im.convert("L")
+
+
+def to_face(gray: Image.Image) -> np.ndarray:
+    """A grayscale face image -> (48, 48) uint8, resized exactly like `decode_image`."""
+    if gray.size != (IMG_SIZE, IMG_SIZE):
+        gray = gray.resize((IMG_SIZE, IMG_SIZE), Image.Resampling.BILINEAR)
+    return np.asarray(gray, dtype=np.uint8)
+
+
+def face_crop(gray: Image.Image, box: Box, margin: float = MARGIN) -> np.ndarray:
+    """Cut `box` plus `margin` from a mode-L image as a (48, 48) uint8 face; edges are extended past the border."""
+    pad_x, pad_y = round(box.w * margin), round(box.h * margin)
+    x0, y0 = box.x - pad_x, box.y - pad_y
+    x1, y1 = box.x + box.w + pad_x, box.y + box.h + pad_y
+    W, H = gray.size
+    inside = gray.crop((max(x0, 0), max(y0, 0), min(x1, W), min(y1, H)))
+    if (x0, y0, x1, y1) != (max(x0, 0), max(y0, 0), min(x1, W), min(y1, H)):
+        # replicate edge pixels rather than pad with black: black borders never occur in training faces
+        arr = np.pad(np.asarray(inside), ((max(-y0, 0), max(y1 - H, 0)), (max(-x0, 0), max(x1 - W, 0))), mode="edge")
+        inside = Image.fromarray(arr)
+    return to_face(inside)
+
+
+def is_face_crop(im: Image.Image) -> bool:
+    """Small images (FER's own 48x48 faces, thumbnails) are classified whole instead of searched for faces."""
+    return max(im.size) <= FACE_CROP_MAX_SIDE
+
+
+class FaceDetector:
+    """OpenCV's frontal-face Haar cascade (shipped in the opencv-python wheel), boxes sorted left to right.
+
+    Not thread-safe: callers that share one detector across threads serialise their calls.
+    """
+
+    def __init__(self, cascade: str = CASCADE, scale_factor: float = 1.1, min_neighbors: int = 5,
+                 min_face: int = 24, max_side: int = DETECT_MAX_SIDE):
+        try:
+            import cv2
+        except ImportError:
+            raise FervitError("face detection needs OpenCV: pip install 'fervit[detect]' "
+                              "(or pass --no-detect for images that are already face crops)") from None
+        path = cascade if Path(cascade).is_file() else str(Path(cv2.data.haarcascades) / cascade)
+        self._cv2 = cv2
+        self._cascade = cv2.CascadeClassifier(path)
+        if self._cascade.empty():
+            raise FervitError(f"cannot load the face detector '{path}'; reinstall opencv-python-headless<5 "
+                              "(OpenCV 5 wheels no longer ship the Haar cascades)")
+        self.scale_factor, self.min_neighbors, self.min_face, self.max_side = \
+            scale_factor, min_neighbors, min_face, max_side
+
+    def __call__(self, gray: Image.Image) -> list[Box]:
+        """Faces in a mode-L image, in its own pixel coordinates."""
+        scale = min(1.0, self.max_side / max(gray.size))
+        small = gray if scale == 1.0 else gray.resize(
+            (max(1, round(gray.width * scale)), max(1, round(gray.height * scale))), Image.Resampling.BILINEAR)
+        found = self._cascade.detectMultiScale(np.asarray(small), scaleFactor=self.scale_factor,
+                                               minNeighbors=self.min_neighbors,
+                                               minSize=(self.min_face, self.min_face))
+        boxes = [Box(*(round(int(v) / scale) for v in b)) for b in found]
+        return sorted(boxes, key=lambda b: (b.x, b.y))

@@ -1,0 +1,182 @@
+"""ONNX export with a dynamic batch, its parity check against PyTorch, and the ONNX Runtime backend.
+
+The exported file is self-describing: the checkpoint's JSON description (classes, input, model
+config) is stored in the ONNX model's metadata under the key `fervit`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fervit.data.augment import normalize
+from fervit.data.dataset import IMAGE_EXTENSIONS, class_index, decode_image
+from fervit.errors import FervitError
+from fervit.io import atomic_write
+
+OPSET = 20
+META_KEY = "fervit"
+# ONNX Runtime and PyTorch run the same float32 math in a different order; measured differences on
+# real faces are ~1e-6 in probability, so 1e-4 flags a wrong export while ignoring rounding.
+PROB_ATOL = 1e-4
+
+
+def _require(module: str):
+    try:
+        return __import__(module)
+    except ImportError:
+        raise FervitError(f"ONNX support needs {module}: pip install 'fervit[onnx]'") from None
+
+
+def export_onnx(model: torch.nn.Module, meta: dict, path: str | os.PathLike, opset: int = OPSET) -> Path:
+    """Write `model` as one .onnx file taking (batch, 1, 48, 48) float32 'image' -> (batch, C) 'logits'."""
+    _require("onnxscript")
+    onnx = _require("onnx")
+    path = Path(path)
+    size = int(meta["input"]["size"])
+    example = torch.zeros(2, 1, size, size)  # batch 2, not 1: a batch of 1 could be specialised away
+    # the exporter prints progress lines and deprecation warnings that say nothing to a fervit user
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(model.eval(), (example,), input_names=["image"], output_names=["logits"],
+                                    dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), opset_version=opset,
+                                    dynamo=True, verbose=False)
+    proto = program.model_proto
+    onnx.helper.set_model_props(proto, {META_KEY: json.dumps(meta)})
+    with atomic_write(path, "wb") as f:
+        f.write(proto.SerializeToString())
+    return path
+
+
+class OnnxClassifier:
+    """ONNX Runtime on the CPU: normalised faces (B, 1, 48, 48) float32 -> logits (B, C) numpy."""
+
+    backend = "onnx"
+
+    def __init__(self, session):
+        self.session = session
+        self.input_name = session.get_inputs()[0].name
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+
+def load_onnx(path: str | os.PathLike, threads: int = 0) -> tuple[OnnxClassifier, dict]:
+    """(classifier, model description) for an .onnx file written by `export_onnx`; one-line errors otherwise."""
+    ort = _require("onnxruntime")
+    path = Path(path)
+    if not path.is_file():
+        raise FervitError(f"ONNX model '{path}' does not exist; write one with `fervit export RUN_DIR`")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3  # errors only: ORT's warnings about unused initialisers are noise here
+    try:
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own exception classes for damaged or foreign files
+        raise FervitError(f"'{path}' is not a loadable ONNX model ({str(e).splitlines()[0][:200]}); "
+                          "re-run `fervit export`") from None
+    raw = session.get_modelmeta().custom_metadata_map.get(META_KEY)
+    try:
+        meta = json.loads(raw) if raw else None
+    except json.JSONDecodeError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise FervitError(f"'{path}' was not written by `fervit export` (no '{META_KEY}' metadata); "
+                          "export the run folder with `fervit export`")
+    return OnnxClassifier(session), meta
+
+
+def real_test_slice(root: str | os.PathLike, n: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """n images spread evenly over ROOT/test/<class>/ (sorted), decoded as training does: (n, 48, 48), (n,)."""
+    root = Path(root)
+    test_dir = next((p for p in root.iterdir() if p.is_dir() and p.name.lower() == "test"), None) \
+        if root.is_dir() else None
+    if test_dir is None:
+        raise FervitError(f"no test/ folder in '{root}' to check the export on; give --data ROOT of a FER-2013 "
+                          "folder layout")
+    files = [(p, class_index(d.name)) for d in sorted(test_dir.iterdir()) if d.is_dir() and class_index(d.name)
+             is not None for p in sorted(d.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS]
+    if not files:
+        raise FervitError(f"no test images under '{test_dir}'")
+    pick = np.linspace(0, len(files) - 1, min(n, len(files))).round().astype(int)
+    images = np.stack([decode_image(files[i][0]) for i in pick])
+    return images, np.array([files[i][1] for i in pick], dtype=np.int64)
+
+
+@dataclass
+class ParityReport:
+    """How far ONNX Runtime is from PyTorch on a set of real faces."""
+
+    images: int
+    max_prob_diff: float
+    max_logit_diff: float
+    torch_accuracy: float
+    onnx_accuracy: float
+    disagreements: int  # faces whose predicted class differs
+
+    @property
+    def ok(self) -> bool:
+        return self.max_prob_diff <= PROB_ATOL and self.torch_accuracy == self.onnx_accuracy
+
+    def summary(self) -> str:
+        return (f"{self.images} test faces: max |p_onnx - p_torch| = {self.max_prob_diff:.1e} (tolerance "
+                f"{PROB_ATOL:.0e}), accuracy torch {self.torch_accuracy:.4f} vs onnx {self.onnx_accuracy:.4f}, "
+                f"{self.disagreements} predictions differ")
+
+
+@torch.inference_mode()
+def check_parity(model: torch.nn.Module, onnx_classifier: OnnxClassifier, images: np.ndarray, labels: np.ndarray,
+                 batch_size: int = 256) -> ParityReport:
+    """Run both backends on (N, 48, 48) uint8 faces and compare logits, probabilities and accuracy."""
+    model.eval()
+    t_logits, o_logits = [], []
+    for start in range(0, len(images), batch_size):
+        x = normalize(torch.from_numpy(images[start:start + batch_size]))
+        t_logits.append(model(x).float().numpy())
+        o_logits.append(onnx_classifier(x.numpy()))
+    t, o = np.concatenate(t_logits), np.concatenate(o_logits)
+    pt, po = _softmax(t), _softmax(o)
+    return ParityReport(images=len(images), max_prob_diff=float(np.abs(pt - po).max()),
+                        max_logit_diff=float(np.abs(t - o).max()),
+                        torch_accuracy=float((t.argmax(1) == labels).mean()),
+                        onnx_accuracy=float((o.argmax(1) == labels).mean()),
+                        disagreements=int((t.argmax(1) != o.argmax(1)).sum()))
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike | None = None,
+                      data_root: str | None = None, check_images: int = 512) -> tuple[Path, ParityReport | None]:
+    """Export a run folder / checkpoint to ONNX (default: beside it) and check it on real test faces.
+
+    Raises `FervitError` when the check fails; `check_images=0` skips it.
+    """
+    from fervit.config import resolve_data_root
+    from fervit.training.checkpoint import find_checkpoint, load_model
+
+    weights = find_checkpoint(checkpoint)
+    model, meta = load_model(weights, "cpu")
+    out = Path(output) if output else weights.with_suffix(".onnx")
+    if out.suffix != ".onnx":
+        raise FervitError(f"output '{out}' should end in .onnx")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    export_onnx(model, meta, out)
+    if check_images <= 0:
+        return out, None
+    images, labels = real_test_slice(resolve_data_root(data_root or ""), check_images)
+    classifier, _ = load_onnx(out)
+    report = check_parity(model, classifier, images, labels)
+    if not report.ok:
+        raise FervitError(f"the ONNX export '{out}' disagrees with PyTorch: {report.summary()}")
+    return out, report

@@ -1,0 +1,257 @@
+"""Classify the faces in photos: decode -> detect -> crop -> one forward pass per batch of images."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from fervit.data.augment import normalize
+from fervit.data.dataset import IMG_SIZE
+from fervit.errors import FervitError
+from fervit.inference.faces import (MARGIN, MAX_PIXELS, Box, FaceDetector, ImageError, face_crop, is_face_crop,
+                                    open_image, to_face, to_gray)
+
+DETECT_MODES = ("auto", "always", "never")  # auto: small images are face crops, larger ones are searched
+RUNS_DIR = "runs"
+
+
+@dataclass
+class Face:
+    """One classified face: where it is and the probability of every class."""
+
+    box: Box
+    probabilities: dict[str, float]
+
+    @property
+    def emotion(self) -> str:
+        return max(self.probabilities, key=self.probabilities.get)
+
+    def to_dict(self) -> dict:
+        return {"box": self.box.as_list(), "emotion": self.emotion,
+                "probabilities": {k: round(v, 6) for k, v in self.probabilities.items()}}
+
+
+@dataclass
+class ImageResult:
+    """The outcome for one input: its faces (maybe none), or why it could not be read."""
+
+    file: str
+    faces: list[Face] = field(default_factory=list)
+    error: str | None = None
+    whole: bool = False  # classified as a face crop, without detection
+    image: Image.Image | None = field(default=None, repr=False)  # the decoded image, kept only when asked
+
+    def to_dict(self) -> dict:
+        d = {"file": self.file, "faces": [f.to_dict() for f in self.faces]}
+        if self.error is not None:
+            d["error"] = self.error
+        return d
+
+
+class TorchClassifier:
+    """Eager PyTorch: normalised faces (B, 1, 48, 48) float32 -> logits (B, C) numpy."""
+
+    backend = "torch"
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        self.model, self.device = model.eval(), device
+
+    @torch.inference_mode()
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.model(torch.from_numpy(x).to(self.device)).float().cpu().numpy()
+
+
+def shipped_model() -> Path | None:
+    """The model file bundled with the package (fervit/assets/model.safetensors), once one ships."""
+    path = Path(str(resources.files("fervit"))) / "assets" / "model.safetensors"
+    return path if path.is_file() else None
+
+
+def newest_run(runs_dir: str | os.PathLike = RUNS_DIR) -> Path | None:
+    """The most recently written best_model.safetensors under `runs_dir`, searched recursively."""
+    root = Path(runs_dir)
+    found = [p for p in root.rglob("best_model.safetensors") if p.is_file()] if root.is_dir() else []
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+
+
+def default_model() -> Path:
+    """The shipped model if there is one, else the newest run under ./runs, else a one-line error."""
+    path = shipped_model() or newest_run()
+    if path is None:
+        raise FervitError(f"no model to use: pass --model RUN_DIR_OR_CHECKPOINT, or train one with `fervit train` "
+                          f"(looked for a shipped model and for runs under ./{RUNS_DIR})")
+    return path
+
+
+def check_meta(meta: dict, source: Path) -> list[str]:
+    """The class names of a fervit model description; a one-line error if it cannot take 48x48 gray faces."""
+    try:
+        classes = list(meta["classes"])
+        size, channels = int(meta["input"]["size"]), int(meta["input"]["channels"])
+        num_classes = int(meta["model"]["num_classes"])
+    except (KeyError, TypeError, ValueError):
+        raise FervitError(f"'{source}' lacks the classes/input/model fields of a fervit model description; "
+                          "give a run folder or checkpoint written by `fervit train` or `fervit export`") from None
+    if (size, channels) != (IMG_SIZE, 1):
+        raise FervitError(f"'{source}' expects {size}x{size} images with {channels} channel(s); fervit's face "
+                          f"crops are {IMG_SIZE}x{IMG_SIZE} grayscale")
+    if len(classes) != num_classes:
+        raise FervitError(f"'{source}' names {len(classes)} classes but its model has {num_classes} outputs")
+    return classes
+
+
+def load_classifier(model: str | os.PathLike | None = None, backend: str = "auto", device: str = "cpu"):
+    """(classifier, meta, source path) for a run folder, .safetensors or .onnx file (default: `default_model()`).
+
+    backend "auto" follows the file: .onnx -> ONNX Runtime, else PyTorch; "onnx" with a run folder or
+    checkpoint uses the .onnx written beside it by `fervit export`.
+    """
+    from fervit.training.checkpoint import find_checkpoint, load_model
+
+    if backend not in ("auto", "torch", "onnx"):
+        raise FervitError(f"unknown backend '{backend}'; choose auto, torch or onnx")
+    path = Path(model).expanduser() if model else default_model()
+    is_onnx = path.suffix == ".onnx"
+    if is_onnx and backend == "torch":
+        raise FervitError(f"'{path}' is an ONNX file; use --backend onnx, or give the run folder for PyTorch")
+    if backend == "onnx" and not is_onnx:
+        path = find_checkpoint(path).with_suffix(".onnx")
+        if not path.is_file():
+            raise FervitError(f"no ONNX export at '{path}'; run `fervit export {model or path.parent}` first")
+        is_onnx = True
+    if is_onnx:
+        from fervit.inference.onnx import load_onnx
+
+        classifier, meta = load_onnx(path)
+    else:
+        from fervit.training.trainer import resolve_device
+
+        dev = resolve_device(device)
+        try:
+            net, meta = load_model(path, dev)
+        except (KeyError, TypeError) as e:
+            raise FervitError(f"'{path}' has an incomplete model description (missing {e}); re-export it") from None
+        classifier = TorchClassifier(net, dev)
+        path = find_checkpoint(path)
+    check_meta(meta, path)
+    return classifier, meta, path
+
+
+class Predictor:
+    """A loaded model plus a face detector: photos in, `ImageResult`s out.
+
+    Every face of a batch of images goes through the model in one forward pass. Not thread-safe
+    (the detector is not): a server serialises calls.
+    """
+
+    def __init__(self, classifier, meta: dict, source: Path | None = None, margin: float = MARGIN,
+                 max_pixels: int = MAX_PIXELS, detector: FaceDetector | None = None):
+        self.classifier, self.meta, self.source = classifier, meta, source
+        self.classes = list(meta["classes"])
+        self.margin, self.max_pixels = margin, max_pixels
+        self._detector = detector
+
+    @classmethod
+    def load(cls, model: str | os.PathLike | None = None, backend: str = "auto", device: str = "cpu",
+             **kwargs) -> Predictor:
+        """Load a model (see `load_classifier`) and wrap it."""
+        classifier, meta, source = load_classifier(model, backend, device)
+        return cls(classifier, meta, source, **kwargs)
+
+    @property
+    def backend(self) -> str:
+        return self.classifier.backend
+
+    @property
+    def detector(self) -> FaceDetector:
+        if self._detector is None:  # built on first use so face crops alone never need OpenCV
+            self._detector = FaceDetector()
+        return self._detector
+
+    def classify(self, faces: np.ndarray) -> np.ndarray:
+        """(N, 48, 48) uint8 faces -> (N, C) probabilities, in one forward pass."""
+        if len(faces) == 0:
+            return np.zeros((0, len(self.classes)), dtype=np.float32)
+        x = normalize(torch.from_numpy(np.ascontiguousarray(faces))).numpy()
+        logits = self.classifier(x).astype(np.float64)
+        p = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    def find_faces(self, im: Image.Image, detect: str = "auto") -> tuple[list[Box], list[np.ndarray], bool]:
+        """(boxes, 48x48 crops, whole) for one image; `whole` means it was taken as a face crop."""
+        if detect not in DETECT_MODES:
+            raise FervitError(f"detect must be one of {', '.join(DETECT_MODES)}, got '{detect}'")
+        gray = to_gray(im)
+        if detect == "never" or (detect == "auto" and is_face_crop(im)):
+            return [Box(0, 0, im.width, im.height)], [to_face(gray)], True
+        boxes = self.detector(gray)
+        return boxes, [face_crop(gray, b, self.margin) for b in boxes], False
+
+    def predict_images(self, images: Sequence[tuple[str, Image.Image | ImageError]], detect: str = "auto",
+                       keep_images: bool = False) -> list[ImageResult]:
+        """Results for already-decoded images (an `ImageError` in place of an image is reported as such)."""
+        results, crops, owners = [], [], []
+        for name, im in images:
+            if isinstance(im, ImageError):
+                results.append(ImageResult(name, error=str(im)))
+                continue
+            boxes, faces, whole = self.find_faces(im, detect)
+            res = ImageResult(name, whole=whole, image=im if keep_images else None)
+            res.faces = [Face(b, {}) for b in boxes]
+            results.append(res)
+            crops += faces
+            owners += [res] * len(faces)
+        probs = self.classify(np.stack(crops) if crops else np.zeros((0, IMG_SIZE, IMG_SIZE), np.uint8))
+        counters: dict[int, int] = {}
+        for res, p in zip(owners, probs):
+            i = counters.get(id(res), 0)
+            counters[id(res)] = i + 1
+            res.faces[i].probabilities = {c: float(v) for c, v in zip(self.classes, p)}
+        return results
+
+    def predict_sources(self, sources: Iterable[tuple[str, object]], detect: str = "auto", batch_size: int = 16,
+                        progress: bool = False, total: int | None = None,
+                        keep_images: bool = False) -> Iterator[ImageResult]:
+        """Decode and classify (name, path/bytes/file) pairs `batch_size` images at a time, in order."""
+        bar = tqdm(total=total, desc="predicting", unit="img", disable=not progress, leave=False, file=sys.stderr)
+        batch: list[tuple[str, Image.Image | ImageError]] = []
+        for name, src in sources:
+            try:
+                batch.append((name, open_image(src, self.max_pixels)))
+            except ImageError as e:
+                batch.append((name, e))
+            if len(batch) == batch_size:
+                yield from self.predict_images(batch, detect, keep_images)
+                bar.update(len(batch))
+                batch = []
+        if batch:
+            yield from self.predict_images(batch, detect, keep_images)
+            bar.update(len(batch))
+        bar.close()
+
+
+def expand_inputs(inputs: Sequence[str], stdin=None) -> list[tuple[str, object]]:
+    """(name, source) for every file named, every file under a named folder (recursively), and `-` for stdin."""
+    out: list[tuple[str, object]] = []
+    for item in inputs:
+        if item == "-":
+            out.append(("-", (stdin or sys.stdin.buffer).read()))
+            continue
+        path = Path(item)
+        if path.is_dir():
+            for p in sorted(path.rglob("*")):
+                rel = p.relative_to(path).parts
+                if p.is_file() and not any(part.startswith(".") for part in rel):  # skip .DS_Store, .git/...
+                    out.append((str(p), p))
+        else:
+            out.append((item, path))
+    return out
