@@ -1,0 +1,95 @@
+"""Mistakes a user can make end in one line on stderr and exit status 2, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fervit.config import ModelConfig
+from fervit.errors import FervitError
+from fervit.models import create_model
+from fervit.training.checkpoint import load_model, save_model
+
+
+def fervit(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "fervit", *args], capture_output=True, text=True, timeout=120, **kw)
+
+
+def assert_one_line_error(done, pattern):
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fervit: error: "), done.stderr
+    assert "Traceback" not in done.stderr
+    assert pattern in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["train", "--data", "/no/such/folder", "--device", "cpu"], "does not exist"),
+    (["train", "--preset", "nope"], "no preset 'nope'"),
+    (["train", "--set", "model.depth=deep"], "expects a int"),
+    (["evaluate", "/no/such/run"], "does not exist"),
+    (["runs", "/no/such/runs"], "no run folder"),
+    (["data", "audit", "/no/such/folder"], "does not exist"),
+])
+def test_cli_bad_input_is_one_line(args, pattern):
+    assert_one_line_error(fervit(*args), pattern)
+
+
+def test_train_on_a_folder_with_an_unknown_class(tmp_path):
+    (tmp_path / "train" / "contempt").mkdir(parents=True)
+    assert_one_line_error(fervit("train", "--data", str(tmp_path), "--device", "cpu"), "unknown class folder")
+
+
+def test_missing_default_data_folder_points_to_fetch(tmp_path):
+    env = {k: v for k, v in __import__("os").environ.items() if k != "FERVIT_DATA"}
+    done = fervit("train", "--device", "cpu", cwd=tmp_path, env=env)
+    assert_one_line_error(done, "data/emotion_detection_fer' does not exist")
+    assert "fervit data fetch" in done.stderr
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    cfg = ModelConfig(embed_dim=32, depth=1, num_heads=2, mlp_dim=64, stem_channels=(8, 16), head_hidden=32)
+    model = create_model("vit_cnn", embed_dim=32, depth=1, num_heads=2, mlp_dim=64, stem_channels=(8, 16),
+                         head_hidden=32)
+    return save_model(model, cfg, tmp_path / "best_model.safetensors")
+
+
+def test_checkpoint_round_trip(checkpoint):
+    model, meta = load_model(checkpoint)
+    assert meta["model"]["embed_dim"] == 32 and not model.training
+
+
+def test_pickled_checkpoints_are_refused(tmp_path):
+    (tmp_path / "model.pt").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(FervitError, match="never loads pickled"):
+        load_model(tmp_path / "model.pt")
+
+
+def test_damaged_checkpoint_is_one_clear_error(checkpoint):
+    checkpoint.write_bytes(checkpoint.read_bytes()[:100])
+    with pytest.raises(FervitError, match="damaged or not a safetensors file"):
+        load_model(checkpoint)
+
+
+def test_checkpoint_of_another_architecture_is_named(checkpoint):
+    meta_path = checkpoint.with_suffix(".json")
+    meta = json.loads(meta_path.read_text())
+    meta["model"]["embed_dim"] = 64
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(FervitError, match="does not match a vit_cnn model"):
+        load_model(checkpoint)
+
+
+def test_missing_sidecar_is_named(checkpoint):
+    checkpoint.with_suffix(".json").unlink()
+    with pytest.raises(FervitError, match="best_model.json' is missing"):
+        load_model(checkpoint)
+
+
+def test_cli_evaluate_with_a_damaged_checkpoint(checkpoint):
+    checkpoint.write_bytes(b"garbage")
+    assert_one_line_error(fervit("evaluate", str(checkpoint.parent)), "damaged")

@@ -1,0 +1,51 @@
+"""The config tree: presets, overrides, round trips and their errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fervit.config import RunConfig, apply_overrides, load_preset, preset_names
+from fervit.errors import FervitError
+
+
+def test_shipped_presets_cover_both_models_and_the_original():
+    assert {"vit_cnn", "vit_patch", "original", "tiny"} <= set(preset_names())
+    assert load_preset("vit_patch").model.name == "vit_patch"
+    assert load_preset("original").model.dropout == 0.2
+
+
+def test_config_round_trips_through_json():
+    cfg = apply_overrides(load_preset("vit_cnn"), ["model.stem_channels=16,32,64", "optim.lr=1e-3"])
+    again = RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg and again.model.stem_channels == (16, 32, 64)
+
+
+def test_overrides_are_typed():
+    cfg = apply_overrides(RunConfig(), ["model.depth=4", "augment.enabled=false", "augment.scale=0.5,1.0"])
+    assert cfg.model.depth == 4 and cfg.augment.enabled is False and cfg.augment.scale == (0.5, 1.0)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.depth", "must look like section.key=value"),
+    ("depth=4", "must name a section and a key"),
+    ("modle.depth=4", "unknown config section 'modle'"),
+    ("model.deepth=4", "unknown config key 'model.deepth'"),
+    ("model.depth=four", "expects a int"),
+    ("augment.enabled=maybe", "expects a bool"),
+])
+def test_bad_overrides_say_what_is_wrong(override, message):
+    with pytest.raises(FervitError, match=message):
+        apply_overrides(RunConfig(), [override])
+
+
+def test_preset_files_and_unknown_names(tmp_path):
+    path = tmp_path / "mine.json"
+    path.write_text('{"model": {"depth": 3}}')
+    assert load_preset(str(path)).model.depth == 3
+    with pytest.raises(FervitError, match="no preset 'vit_huge'"):
+        load_preset("vit_huge")
+    path.write_text('{"model": {"depht": 3}}')
+    with pytest.raises(FervitError, match="unknown config key 'model.depht'"):
+        load_preset(str(path))

@@ -1,0 +1,168 @@
+"""The full train -> evaluate path and its run folder, on a small slice of the real data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from fervit.config import apply_overrides, load_preset
+from fervit.data.augment import normalize
+from fervit.data.dataset import CLASSES, load_fer
+from fervit.data.splits import make_splits
+from fervit.evaluation.evaluate import evaluate
+from fervit.evaluation.rerun import evaluate_checkpoint
+from fervit.training.checkpoint import load_model
+from fervit.training.trainer import train
+
+ARTIFACTS = ("config.json", "best_model.safetensors", "best_model.json", "training_metrics.csv", "loss_curve.png",
+             "accuracy_curve.png", "confusion_matrix.png", "results.json")
+
+
+@pytest.fixture(scope="module")
+def real_slice(real_data):
+    """40 training, 10 PublicTest and 10 PrivateTest faces per class from the real data."""
+    data = load_fer(real_data, progress=False)
+    picks = []
+    for usage, n in ((1, 40), (2, 10), (3, 10)):
+        for c in range(7):
+            picks += torch.nonzero((data.usage == usage) & (data.labels == c)).flatten()[:n].tolist()
+    return data.subset(picks)
+
+
+def tiny_cfg(tmp_path, *extra):
+    return apply_overrides(load_preset("tiny"), [f"train.output={tmp_path / 'runs'}", "train.device=cpu",
+                                                 "data.protocol=fer2013", "train.eval_batch_size=64", *extra])
+
+
+@pytest.fixture(scope="module")
+def finished_run(real_slice, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    return train(tiny_cfg(tmp, "train.epochs=2", "optim.ema_decay=0.9"), quiet=True, data=real_slice)
+
+
+def test_a_run_folder_holds_every_artifact(finished_run):
+    name = finished_run.name
+    assert name.split("_")[2:] == ["vit", "cnn", "ed32", "d1", "h2", "lr0.001"]
+    for artifact in ARTIFACTS:
+        assert (finished_run / artifact).stat().st_size > 0, artifact
+    for png in ("loss_curve.png", "accuracy_curve.png", "confusion_matrix.png"):
+        with Image.open(finished_run / png) as im:
+            assert im.format == "PNG" and im.width > 300
+    assert not list(finished_run.glob(".*.tmp"))  # atomic writes leave no temporaries
+
+
+def test_metrics_csv_has_one_sane_row_per_epoch(finished_run):
+    rows = list(csv.DictReader(open(finished_run / "training_metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert set(rows[0]) == {"epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds"}
+    for r in rows:
+        assert 0 < float(r["train_loss"]) < 5 and 0 <= float(r["val_acc"]) <= 1 and float(r["seconds"]) > 0
+
+
+def test_results_json_reports_test_metrics_consistent_with_its_confusion_matrix(finished_run):
+    res = json.loads((finished_run / "results.json").read_text())
+    assert res["protocol"] == "fer2013" and res["split_sizes"] == {"train": 280, "val": 70, "test": 70}
+    test = res["test"]
+    cm = torch.tensor(test["confusion_matrix"])
+    assert cm.shape == (7, 7) and int(cm.sum()) == 70
+    assert test["accuracy"] == pytest.approx(float(cm.diag().sum()) / 70)
+    assert set(test["per_class"]) == set(CLASSES)
+    assert all(0 <= v[k] <= 1 for v in test["per_class"].values() for k in ("precision", "recall", "f1"))
+    assert {"macro_avg", "weighted_avg"} <= set(test)
+    rows = list(csv.DictReader(open(finished_run / "training_metrics.csv")))
+    assert res["best_val_acc"] == pytest.approx(max(float(r["val_acc"]) for r in rows), abs=1e-5)
+    assert res["val"]["accuracy"] == pytest.approx(res["best_val_acc"])  # the saved model is the best epoch's
+    cfg = json.loads((finished_run / "config.json").read_text())
+    assert cfg["model"]["name"] == "vit_cnn" and cfg["train"]["epochs"] == 2
+
+
+def test_evaluate_reproduces_the_saved_test_accuracy(finished_run, real_slice, tmp_path):
+    saved = json.loads((finished_run / "results.json").read_text())["test"]["accuracy"]
+    model, meta = load_model(finished_run)
+    assert meta["classes"] == list(CLASSES)
+    s = make_splits(real_slice, "fer2013")
+    again = evaluate(model, real_slice.images, real_slice.labels, s.test)
+    assert again["acc"] == pytest.approx(saved)
+
+
+def test_evaluation_uses_no_augmentation(finished_run, real_slice):
+    model, _ = load_model(finished_run)
+    idx = torch.arange(16)
+    a = evaluate(model, real_slice.images, real_slice.labels, idx)["logits"]
+    b = evaluate(model, real_slice.images, real_slice.labels, idx)["logits"]
+    with torch.no_grad():
+        direct = model(normalize(real_slice.images[idx]))
+    assert torch.equal(a, b) and torch.allclose(a, direct, atol=1e-5)
+
+
+def test_the_same_seed_gives_the_same_numbers(real_slice, tmp_path):
+    runs = [train(tiny_cfg(tmp_path / str(k), "train.epochs=1"), quiet=True, data=real_slice) for k in range(2)]
+    metrics = [[{k: v for k, v in r.items() if k != "seconds"}
+                for r in csv.DictReader(open(run / "training_metrics.csv"))] for run in runs]
+    results = [json.loads((run / "results.json").read_text()) for run in runs]
+    assert metrics[0] == metrics[1]
+    assert results[0]["test"]["confusion_matrix"] == results[1]["test"]["confusion_matrix"]
+
+
+def test_class_weights_and_balanced_sampler_train(real_slice, tmp_path):
+    run = train(tiny_cfg(tmp_path, "train.epochs=1", "optim.class_weights=balanced", "optim.sampler=balanced"),
+                quiet=True, data=real_slice)
+    assert "disgusted" in json.loads((run / "results.json").read_text())["test"]["per_class"]
+
+
+def test_cli_train_then_evaluate_then_runs(real_data, tmp_path):
+    """The documented commands, end to end, as a user types them, on a copy of 20 real faces per class."""
+    import shutil
+
+    root = tmp_path / "fer"
+    for split in ("train", "test"):
+        for name in CLASSES:
+            (root / split / name).mkdir(parents=True)
+            for src in sorted((real_data / split / name).iterdir())[:20]:
+                shutil.copy(src, root / split / name / src.name)
+    out = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "fervit", "train", "--preset", "tiny", "--data", str(root), "--epochs", "1",
+           "--output", str(out), "--device", "cpu", "--quiet"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    run_dir = out / done.stdout.strip().splitlines()[-1].split("/")[-1]
+    ev = subprocess.run([sys.executable, "-m", "fervit", "evaluate", str(run_dir), "--split", "val"],
+                        capture_output=True, text=True, timeout=600)
+    assert ev.returncode == 0, ev.stderr
+    assert "on seed/val (14 images)" in ev.stdout
+    assert (run_dir / "confusion_matrix_val.png").is_file()
+    table = subprocess.run([sys.executable, "-m", "fervit", "runs", str(out)], capture_output=True, text=True)
+    assert run_dir.name in table.stdout and "vit_cnn" in table.stdout
+
+
+def test_ctrl_c_still_finishes_the_run_folder(real_slice, tmp_path, monkeypatch):
+    import fervit.training.trainer as trainer
+
+    real_epoch = trainer.train_one_epoch
+    calls = {"n": 0}
+
+    def interrupt_second_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_one_epoch", interrupt_second_epoch)
+    run = train(tiny_cfg(tmp_path, "train.epochs=5"), quiet=True, data=real_slice)
+    res = json.loads((run / "results.json").read_text())
+    assert res["interrupted"] is True and res["epochs_completed"] == 1
+    for artifact in ARTIFACTS:
+        assert (run / artifact).is_file()
+
+
+def test_evaluate_an_ensemble_needs_an_output_folder(finished_run, real_data):
+    from fervit.errors import FervitError
+
+    with pytest.raises(FervitError, match="needs --output"):
+        evaluate_checkpoint([str(finished_run), str(finished_run)], data_root=str(real_data))
