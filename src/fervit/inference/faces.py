@@ -31,7 +31,14 @@ DETECT_MAX_SIDE = 960  # photos are shrunk to this for detection (speed); faces 
 
 
 class ImageError(Exception):
-    """One input could not be used as an image; the message is the per-file report."""
+    """One input could not be used as an image; the message is the per-file report.
+
+    `kind` says why, for callers that map it to a status: missing, not_image, too_large or damaged.
+    """
+
+    def __init__(self, message: str, kind: str = "damaged"):
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -54,17 +61,17 @@ def open_image(source: str | Path | bytes | BinaryIO, max_pixels: int = MAX_PIXE
     try:
         im = Image.open(source, formats=IMAGE_FORMATS)
     except FileNotFoundError:
-        raise ImageError("no such file") from None
+        raise ImageError("no such file", "missing") from None
     except IsADirectoryError:
-        raise ImageError("is a folder") from None
+        raise ImageError("is a folder", "missing") from None
     except UnidentifiedImageError:
-        raise ImageError("not an image (readable: jpeg, png, webp, bmp, gif, tiff)") from None
+        raise ImageError("not an image (readable: jpeg, png, webp, bmp, gif, tiff)", "not_image") from None
     except OSError as e:
         raise ImageError(f"cannot read ({e.strerror or e})") from None
     w, h = im.size
     if w * h > max_pixels:
         im.close()
-        raise ImageError(f"too large: {w}x{h} pixels is more than the {max_pixels / 1e6:g} MP limit")
+        raise ImageError(f"too large: {w}x{h} pixels is more than the {max_pixels / 1e6:g} MP limit", "too_large")
     try:
         im.load()
         im = ImageOps.exif_transpose(im)
