@@ -1,10 +1,11 @@
 """Read photos, find the faces in them, and cut each face out the way FER-2013's faces were made.
 
 FER-2013 was itself built by running an OpenCV face detector over web images, so the Haar cascade
-that ships inside OpenCV's wheel frames a face almost exactly like a training image: measured on
-FER test faces pasted onto larger canvases, its box covers ~96% of the FER crop's width, 1-2% in
-from the top-left corner. `MARGIN` adds that back, and `face_crop` then converts to 48x48
-grayscale with the same PIL operations as `fervit.data.dataset.decode_image`.
+that ships inside OpenCV's wheel frames a face almost exactly like a training image. `MARGIN` was
+measured: over 148 FER test faces pasted onto textured photos at 100-200 px, the crop's mean
+absolute difference from the original training image is lowest at 0-2% extra per side (26.5
+grey levels, against 28.7 at 4% and 28.2 at -2%), so we add 1%. `face_crop` then converts to
+48x48 grayscale with the same PIL operations as `fervit.data.dataset.decode_image`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MAX_PIXELS = 50_000_000  # a 50 MP photo decodes to 150 MB of RGB; larger is refused before decoding
 FACE_CROP_MAX_SIDE = 128  # images whose longer side is at most this are taken to be face crops already
-MARGIN = 0.02  # fraction of the box added on every side: turns a Haar box into FER-2013's framing
+MARGIN = 0.01  # fraction of the box added on every side: a Haar box is already framed like FER-2013
 CASCADE = "haarcascade_frontalface_alt2.xml"
 DETECT_MAX_SIDE = 960  # photos are shrunk to this for detection (speed); faces are cut from the full image
 
