@@ -166,3 +166,16 @@ def test_evaluate_an_ensemble_needs_an_output_folder(finished_run, real_data):
 
     with pytest.raises(FervitError, match="needs --output"):
         evaluate_checkpoint([str(finished_run), str(finished_run)], data_root=str(real_data))
+
+
+def test_early_stopping_ends_a_run_that_stops_improving(real_slice, tmp_path):
+    run = train(tiny_cfg(tmp_path, "train.epochs=6", "optim.lr=0", "train.early_stop_patience=1"), quiet=True,
+                data=real_slice)
+    res = json.loads((run / "results.json").read_text())
+    assert res["epochs_completed"] == 2 and res["best_epoch"] == 1  # lr 0: epoch 2 cannot beat epoch 1
+
+
+def test_time_budget_caps_the_epochs_after_the_second(real_slice, tmp_path):
+    run = train(tiny_cfg(tmp_path, "train.epochs=8", "train.time_budget_s=0.001"), quiet=True, data=real_slice)
+    res = json.loads((run / "results.json").read_text())
+    assert res["epochs_completed"] == 2 and res["epochs_planned"] == 2
