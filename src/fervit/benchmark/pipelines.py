@@ -1,0 +1,127 @@
+"""The two pipelines fervit is measured against, built from the same `AugmentConfig` as fervit's own.
+
+- the usual one: a torch `Dataset` that opens each JPEG with PIL and runs torchvision's classic
+  per-image transforms in `DataLoader` workers, then copies each batch to the device;
+- kornia's `AugmentationSequential`: batched on the device like fervit, op by op.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from fervit.config import AugmentConfig
+from fervit.data.augment import MEAN, STD
+from fervit.errors import FervitError
+
+BENCH_EXTRA_HINT = "install the benchmark's extras with: pip install 'fervit[bench]'"
+_torchvision_op_stubs = None  # keeps the stub library alive for the process (see torchvision_transforms)
+
+
+def torchvision_transforms():
+    """`torchvision.transforms`, also where the installed wheel's C++ ops cannot load.
+
+    PyPI's Linux torchvision wheels are built against CUDA torch; beside a CPU-only torch their C++ ops
+    do not load, and `import torchvision` then fails while registering fake kernels for two of them.
+    The transforms are pure Python/PIL and never call those ops, so declaring the two ops suffices.
+    """
+    global _torchvision_op_stubs
+    try:
+        import torchvision.transforms as T
+
+        return T
+    except ImportError:
+        raise FervitError(f"the usual pipeline needs torchvision, which is not installed; {BENCH_EXTRA_HINT}") from None
+    except RuntimeError as e:
+        if "torchvision::" not in str(e):
+            raise
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]  # the failed import left half-initialised modules behind
+    _torchvision_op_stubs = torch.library.Library("torchvision", "FRAGMENT")
+    for op in ("nms", "qnms"):
+        _torchvision_op_stubs.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    import torchvision.transforms as T
+
+    return T
+
+
+def torchvision_version() -> str | None:
+    try:
+        torchvision_transforms()
+    except FervitError:
+        return None
+    import torchvision
+
+    return torchvision.__version__
+
+
+def usual_train_transform(cfg: AugmentConfig, size: int = 48):
+    """The per-image training transform of the usual FER-2013 pipeline, with fervit's ranges."""
+    T = torchvision_transforms()
+    return T.Compose([
+        T.RandomHorizontalFlip(p=cfg.hflip),
+        T.RandomAffine(degrees=cfg.rotation, translate=(cfg.translate, cfg.translate)),
+        T.RandomResizedCrop(size, scale=cfg.scale, ratio=cfg.ratio),
+        T.ColorJitter(brightness=cfg.brightness, contrast=cfg.contrast),
+        T.ToTensor(),
+        T.Normalize([MEAN], [STD]),
+        T.RandomErasing(p=cfg.erase_p, scale=cfg.erase_scale, ratio=cfg.erase_ratio, value=0),
+    ])
+
+
+def usual_eval_transform():
+    """The usual evaluation transform: decode, to tensor, normalise."""
+    T = torchvision_transforms()
+    return T.Compose([T.ToTensor(), T.Normalize([MEAN], [STD])])
+
+
+class ImageFiles(Dataset):
+    """The usual Dataset: item i opens one image file with PIL and transforms it on its own."""
+
+    def __init__(self, root: str | Path, paths: list[str], labels: list[int], transform):
+        self.root, self.paths, self.labels, self.transform = Path(root), paths, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, i: int) -> Image.Image:
+        with Image.open(self.root / self.paths[i]) as im:
+            return im.convert("L")
+
+    def __getitem__(self, i: int):
+        return self.transform(self.load(i)), self.labels[i]
+
+
+def usual_loader(dataset: ImageFiles, batch_size: int, workers: int, device: torch.device,
+                 train: bool) -> DataLoader:
+    """The usual DataLoader: shuffled with a dropped last batch for training, pinned memory on CUDA.
+
+    Workers persist across epochs so that a timing window that spans an epoch boundary does not pay
+    worker start-up; that only flatters the usual pipeline.
+    """
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train, num_workers=workers,
+                      pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+
+
+def kornia_augment(cfg: AugmentConfig, size: int = 48) -> nn.Module:
+    """kornia's AugmentationSequential with the ops and ranges of fervit's `augment_batch`.
+
+    Input (B, 1, H, W) float in [0, 1] on any device; output normalised like fervit's.
+    """
+    try:
+        import kornia.augmentation as K
+    except ImportError:
+        raise FervitError(f"the kornia comparison needs kornia, which is not installed; {BENCH_EXTRA_HINT}") from None
+    return K.AugmentationSequential(
+        K.RandomHorizontalFlip(p=cfg.hflip),
+        K.RandomAffine(degrees=cfg.rotation, translate=(cfg.translate, cfg.translate), p=1.0),
+        K.RandomResizedCrop((size, size), scale=cfg.scale, ratio=cfg.ratio, p=1.0),
+        K.ColorJitter(brightness=cfg.brightness, contrast=cfg.contrast, p=1.0),
+        K.Normalize(mean=torch.tensor([MEAN]), std=torch.tensor([STD])),
+        K.RandomErasing(scale=cfg.erase_scale, ratio=cfg.erase_ratio, value=0.0, p=cfg.erase_p),
+    )
