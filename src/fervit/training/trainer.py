@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,11 +23,17 @@ from fervit.data.dataset import CLASSES, FerData, load_fer
 from fervit.data.splits import Splits, make_splits
 from fervit.errors import FervitError
 from fervit.evaluation.evaluate import autocast, evaluate, split_report
+from fervit.evaluation.metrics import confusion_matrix
 from fervit.evaluation.plots import curves_png
 from fervit.io import write_json
 from fervit.models import build_model, count_parameters
 from fervit.runs import make_run_dir, write_metrics_csv
 from fervit.training.checkpoint import WEIGHTS_NAME, load_model, save_model, unwrap
+from fervit.training.distributed import (DistContext, all_reduce_sum, any_rank, barrier, broadcast_value, close,
+                                        init_distributed, wrap_model)
+from fervit.training.resume import (CheckpointWriter, Preempted, StopNow, StopSignals, data_fingerprint,
+                                    has_checkpoint, load_last, remove_last, restore, restore_rng, validate)
+from fervit.training.tensorboard import TensorBoardLog
 
 
 def resolve_device(name: str) -> torch.device:
@@ -84,9 +91,15 @@ def build_optimizer(model: nn.Module, cfg: RunConfig, device: torch.device) -> t
 
 
 def train_one_epoch(model, ema, images, labels, train_idx, optimizer, scheduler, cfg: RunConfig, gen,
-                    amp_dtype, loss_weights, sample_weights=None, bar=None) -> dict:
-    """One pass over a fresh permutation (or balanced draw) of train_idx; metrics stay on device."""
+                    amp_dtype, loss_weights, sample_weights=None, bar=None, ctx: DistContext | None = None) -> dict:
+    """One pass over a fresh permutation (or balanced draw) of train_idx; metrics stay on device.
+
+    Under DDP (`ctx`) every rank draws the same permutation and augments the whole global batch, so the
+    shared generator stays in lockstep and the recipe is the single-process one; each rank then trains on
+    its slice, and the returned metrics are summed over ranks.
+    """
     model.train()
+    rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
     device = images.device
     n = len(train_idx)
     if sample_weights is not None:
@@ -106,12 +119,20 @@ def train_one_epoch(model, ema, images, labels, train_idx, optimizer, scheduler,
         target = y
         if mixing:
             x, target = mix_batch(x, y, cfg.augment, cfg.model.num_classes, gen)
+        y_all = y
+        if world > 1:
+            x, target, y = (t.tensor_split(world)[rank] for t in (x, target, y))
         with autocast(device, amp_dtype):
             logits = model(x)
-        loss = F.cross_entropy(logits.float(), target, weight=loss_weights,
-                               label_smoothing=cfg.optim.label_smoothing)
+        if world == 1:
+            loss = F.cross_entropy(logits.float(), target, weight=loss_weights,
+                                   label_smoothing=cfg.optim.label_smoothing)
+            objective = loss
+        else:
+            loss = shard_loss(logits.float(), target, y_all, loss_weights, cfg.optim.label_smoothing)
+            objective = loss * world  # DDP averages gradients over ranks; the shares must add up instead
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         if cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
@@ -122,10 +143,23 @@ def train_one_epoch(model, ema, images, labels, train_idx, optimizer, scheduler,
         correct += (logits.detach().argmax(-1) == y).sum()
         if bar is not None:
             bar.update(len(idx))
-            if device.type == "cpu" and step % 10 == 0:  # a cheap read on CPU; on GPU only per epoch
+            if device.type == "cpu" and world == 1 and step % 10 == 0:  # a cheap read on CPU; on GPU per epoch
                 seen = start + len(idx)
                 bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}", acc=f"{float(correct) / seen:.3f}")
+    if world > 1:
+        totals = all_reduce_sum(torch.stack([loss_sum.double(), correct.double()]), ctx)
+        loss_sum, correct = totals[0], totals[1]
     return {"loss": float(loss_sum) / n_used, "acc": float(correct) / n_used}
+
+
+def shard_loss(logits, target, y_global, loss_weights, label_smoothing: float) -> torch.Tensor:
+    """This rank's share of the global batch's mean loss: the shares of all ranks add up to exactly the
+    loss one process would compute on the whole batch (also with class weights, whose mean divides by the
+    summed weights of the global batch's labels)."""
+    total = F.cross_entropy(logits, target, weight=loss_weights, label_smoothing=label_smoothing, reduction="sum")
+    hard = target.dtype == torch.long
+    denom = loss_weights[y_global].sum() if hard and loss_weights is not None else len(y_global)
+    return total / denom
 
 
 def maybe_compile(model: nn.Module, mode: str, device: torch.device, example: torch.Tensor) -> nn.Module:
@@ -149,7 +183,7 @@ def maybe_compile(model: nn.Module, mode: str, device: torch.device, example: to
         model.load_state_dict(snapshot)
 
 
-def load_pretrained(model: nn.Module, path: str) -> None:
+def load_pretrained(model: nn.Module, path: str, log=print) -> None:
     """Load matching weights from a local .safetensors file (a fervit checkpoint or a bare state dict)."""
     from safetensors.torch import load_file
 
@@ -166,34 +200,84 @@ def load_pretrained(model: nn.Module, path: str) -> None:
         raise FervitError(f"no tensor in '{p}' matches this model's names and shapes; is it a checkpoint of "
                           "another architecture?")
     model.load_state_dict(usable, strict=False)
-    print(f"loaded {len(usable)}/{len(own)} tensors from {p}")
+    log(f"loaded {len(usable)}/{len(own)} tensors from {p}")
 
 
-def train(cfg: RunConfig, quiet: bool = False, data: FerData | None = None) -> Path:
-    """Train one model as configured; returns the finished run folder."""
+def train(cfg: RunConfig, quiet: bool = False, data: FerData | None = None, *, run_dir: str | Path | None = None,
+          resume: bool = False, ctx: DistContext | None = None,
+          on_epoch: Callable[[dict], str | None] | None = None) -> Path:
+    """Train one model as configured; returns the finished run folder.
+
+    `run_dir`: write into this folder instead of a new one under train.output. `resume`: continue the run
+    in `run_dir` from its `last` checkpoint (one without a checkpoint restarts at epoch 1, which is exact).
+    `ctx`: the process group; by default read from the torchrun/srun environment. `on_epoch(row)` runs on
+    rank 0 after each epoch and may return a reason to stop early (a sweep's pruner does).
+    On SIGTERM/SIGUSR1 the epoch in flight finishes, the checkpoint is written and Preempted is raised.
+    """
     t_start = time.time()
-    device = resolve_device(cfg.train.device)
+    ctx = ctx or init_distributed(cfg.train.device, resolve_device)
+    try:
+        with StopSignals() as signals:
+            try:
+                return _train(cfg, quiet, data, run_dir, resume, ctx, on_epoch, signals, t_start)
+            except StopNow as e:
+                raise Preempted(signals.run_dir, None, str(e)) from None
+    finally:
+        close(ctx)
+
+
+def _train(cfg: RunConfig, quiet: bool, data: FerData | None, run_dir, resume: bool, ctx: DistContext,
+           on_epoch, signals: StopSignals, t_start: float) -> Path:
+    device = ctx.device
     amp_dtype = resolve_amp(cfg.train.amp, device)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
+    if ctx.enabled and device.type == "cuda":
+        torch.cuda.manual_seed(cfg.train.seed + ctx.rank)  # own dropout masks per rank; the CPU RNG stays shared
+    if ctx.enabled and cfg.train.batch_size % ctx.world_size:
+        raise FervitError(f"train.batch_size {cfg.train.batch_size} is the global batch and must split evenly "
+                          f"over {ctx.world_size} processes; choose a multiple of {ctx.world_size}")
+    if resume:
+        if run_dir is None or not (Path(run_dir) / "config.json").is_file():
+            raise FervitError(f"cannot resume '{run_dir}': it is not a run folder written by `fervit train` "
+                              "(no config.json)")
+        if (Path(run_dir) / "results.json").is_file() and not has_checkpoint(run_dir):
+            raise FervitError(f"{run_dir} has already finished (results.json is written); start a new run instead")
+    log = print if not quiet and ctx.is_main else (lambda *a: None)
     if data is None:
         root = resolve_data_root(cfg.data.root)
         cfg.data.root = root
-        data = load_fer(root, cfg.data.cache_dir or None, cfg.data.strict, progress=not quiet)
+        if not ctx.is_main:  # rank 0 decodes and writes the cache first; the others then read it
+            barrier(ctx)
+        data = load_fer(root, cfg.data.cache_dir or None, cfg.data.strict, progress=not quiet and ctx.is_main)
+        if ctx.is_main:
+            barrier(ctx)
     splits = make_splits(data, cfg.data.protocol, cfg.data.val_fraction, cfg.data.split_seed,
                          cfg.data.drop_eval_duplicates)
     for name, size in splits.sizes().items():
         if size == 0:
             raise FervitError(f"the {cfg.data.protocol} protocol leaves the {name} split empty for this data")
+    fingerprint = data_fingerprint(data.labels, splits)
+    state = None
+    if resume:
+        state = load_last(run_dir)
+        if state is not None:
+            validate(state, cfg, ctx, fingerprint, Path(run_dir))
     model = build_model(cfg.model)
-    if cfg.model.pretrained:
-        load_pretrained(model, cfg.model.pretrained)
+    if cfg.model.pretrained and state is None:
+        load_pretrained(model, cfg.model.pretrained, log)
     n_params = count_parameters(model)
-    run_dir = make_run_dir(cfg.train.output, cfg)
-    write_json(run_dir / "config.json", cfg.to_dict())
-    log = (lambda *a: None) if quiet else print
-    log(f"{cfg.model.name}: {n_params:,} parameters | device {device} | protocol {cfg.data.protocol} "
+    if ctx.is_main:
+        if run_dir is None:
+            run_dir = make_run_dir(cfg.train.output, cfg)
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        if state is None:
+            write_json(Path(run_dir) / "config.json", cfg.to_dict())
+    run_dir = Path(broadcast_value(str(run_dir), ctx))
+    signals.run_dir = run_dir
+    log(f"{cfg.model.name}: {n_params:,} parameters | device {device}"
+        f"{f' x {ctx.world_size} processes' if ctx.enabled else ''} | protocol {cfg.data.protocol} "
         f"{splits.sizes()} | run {run_dir}")
 
     model.to(device)
@@ -220,60 +304,112 @@ def train(cfg: RunConfig, quiet: bool = False, data: FerData | None = None) -> P
     if cfg.optim.ema_decay > 0:
         ema = torch.optim.swa_utils.AveragedModel(
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.optim.ema_decay), use_buffers=True)
-    example = torch.zeros(cfg.train.batch_size, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size,
-                          device=device)
-    train_model = maybe_compile(model, cfg.train.compile, device, example)
+    if state is not None:
+        restore(state, model=model, ema=ema, optimizer=optimizer, scheduler=scheduler, run_dir=run_dir, ctx=ctx)
+    example = torch.zeros(cfg.train.batch_size // ctx.world_size, cfg.model.in_chans, cfg.model.img_size,
+                          cfg.model.img_size, device=device)
+    train_model = maybe_compile(wrap_model(model, ctx), cfg.train.compile, device, example)
     eval_model = ema.module if ema is not None else model
 
     rows: list[dict] = []
-    best_acc, best_epoch, stale = -1.0, 0, 0
-    interrupted = False
+    best_acc, best_epoch, stale, epoch, stop_reason = -1.0, 0, 0, 0, ""
     epochs = cfg.train.epochs
+    if state is not None:
+        p = state.progress
+        rows, best_acc, best_epoch, stale, epoch = p["rows"], p["best_acc"], p["best_epoch"], p["stale"], p["epoch"]
+        epochs, stop_reason, t_start = p["epochs"], p["stop_reason"], time.time() - p["elapsed_s"]
+        restore_rng(state, gen, ctx)  # last: building and compiling above may draw random numbers
+        if ctx.is_main:  # forget an epoch a killed process logged after its last checkpoint
+            write_metrics_csv(run_dir / "training_metrics.csv", rows)
+        log(f"resuming after epoch {epoch}/{epochs}")
+    tb = TensorBoardLog(run_dir, CLASSES, start_epoch=epoch, enabled=ctx.is_main)
+    checkpoints = CheckpointWriter()
+    interrupted = False
     try:
-        epoch = 0
-        while epoch < epochs:
+        while epoch < epochs and not stop_reason:
             epoch += 1
             t0 = time.time()
             with tqdm(total=len(train_idx), desc=f"epoch {epoch}/{epochs}", unit="img", leave=False,
-                      disable=quiet, dynamic_ncols=True) as bar:
+                      disable=quiet or not ctx.is_main, dynamic_ncols=True) as bar:
                 lr = optimizer.param_groups[0]["lr"]
                 tr = train_one_epoch(train_model, ema, images, labels, train_idx, optimizer, scheduler, cfg, gen,
-                                     amp_dtype, loss_weights, sample_weights, bar)
-            val = evaluate(eval_model, images, labels, val_idx, cfg.train.eval_batch_size, amp_dtype)
+                                     amp_dtype, loss_weights, sample_weights, bar, ctx if ctx.enabled else None)
+            val = evaluate_split(eval_model, images, labels, val_idx, cfg, amp_dtype, ctx)
             row = {"epoch": epoch, "lr": lr, "train_loss": tr["loss"], "train_acc": tr["acc"],
                    "val_loss": val["loss"], "val_acc": val["acc"], "seconds": time.time() - t0}
             rows.append(row)
-            write_metrics_csv(run_dir / "training_metrics.csv", rows)
             improved = val["acc"] > best_acc
             if improved:
                 best_acc, best_epoch, stale = val["acc"], epoch, 0
-                save_model(eval_model, cfg.model, run_dir / WEIGHTS_NAME,
-                           extra={"epoch": epoch, "val_acc": val["acc"], "protocol": cfg.data.protocol})
+                if ctx.is_main:
+                    save_model(eval_model, cfg.model, run_dir / WEIGHTS_NAME,
+                               extra={"epoch": epoch, "val_acc": val["acc"], "protocol": cfg.data.protocol})
             else:
                 stale += 1
+            if ctx.is_main:
+                write_metrics_csv(run_dir / "training_metrics.csv", rows)
+                tb.epoch(row, val["confusion"])
             log(f"epoch {epoch:3d}/{epochs} lr {lr:.2e} | train loss {tr['loss']:.4f} acc {tr['acc']:.4f}"
                 f" | val loss {val['loss']:.4f} acc {val['acc']:.4f}{' *' if improved else ''}"
                 f" | {row['seconds']:.1f}s")
             if cfg.train.time_budget_s > 0 and epoch == 2:
-                # epoch 1 carries compilation; epoch 2 is the steady-state cost
+                # epoch 1 carries compilation; epoch 2 is the steady-state cost; rank 0's clock decides for all
                 fit = int((cfg.train.time_budget_s - (time.time() - t_start)) / max(row["seconds"], 1e-3)) + 2
+                fit = broadcast_value(fit, ctx)
                 if fit < epochs:
                     epochs = max(fit, 2)
                     schedule.total_steps = steps_per_epoch * epochs
                     log(f"time budget {cfg.train.time_budget_s:.0f}s: training {epochs} epochs")
             if cfg.train.early_stop_patience and stale >= cfg.train.early_stop_patience:
-                log(f"early stop: no better validation accuracy for {stale} epochs")
-                break
+                stop_reason = f"early stop: no better validation accuracy for {stale} epochs"
+            if on_epoch is not None:
+                stop_reason = broadcast_value((on_epoch(row) if ctx.is_main else None) or stop_reason, ctx)
+            preempted = any_rank(bool(signals.requested), ctx)
+            progress = {"epoch": epoch, "epochs": epochs, "rows": rows, "best_acc": best_acc,
+                        "best_epoch": best_epoch, "stale": stale, "stop_reason": stop_reason,
+                        "elapsed_s": time.time() - t_start}
+            checkpoints.save(run_dir, ctx, cfg, model=model, ema=ema, optimizer=optimizer, scheduler=scheduler,
+                             gen=gen, progress=progress, fingerprint=fingerprint)
+            if preempted:
+                checkpoints.wait()
+                tb.close()
+                raise Preempted(run_dir, epoch, signals.requested or "a stop signal to another rank")
+            if stop_reason:
+                log(stop_reason)
     except KeyboardInterrupt:
         interrupted = True
         log("interrupted: finishing the run folder with the best checkpoint so far")
+    checkpoints.wait()
+    tb.close()
     if not rows:
         raise FervitError(f"training stopped before the first epoch finished; nothing to evaluate in {run_dir}")
-    finish_run(run_dir, cfg, data, splits, rows, device, amp_dtype, n_params,
-               {"best_epoch": best_epoch, "interrupted": interrupted, "epochs_planned": epochs,
-                "wall_seconds": time.time() - t_start},
-               quiet=quiet)
+    if ctx.is_main:
+        extra = {"best_epoch": best_epoch, "interrupted": interrupted, "epochs_planned": epochs,
+                 "wall_seconds": time.time() - t_start}
+        if stop_reason:
+            extra["stopped"] = stop_reason
+        if ctx.enabled:
+            extra["world_size"] = ctx.world_size
+        finish_run(run_dir, cfg, data, splits, rows, device, amp_dtype, n_params, extra, quiet=quiet)
+        remove_last(run_dir)
+    barrier(ctx)
     return run_dir
+
+
+def evaluate_split(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
+                   cfg: RunConfig, amp_dtype, ctx: DistContext) -> dict:
+    """Loss, accuracy and confusion matrix of one split; under DDP each rank scores its slice and the
+    sums are reduced, so every rank sees the whole split's numbers."""
+    part = indices.tensor_split(ctx.world_size)[ctx.rank] if ctx.enabled else indices
+    r = evaluate(model, images, labels, part, cfg.train.eval_batch_size, amp_dtype)
+    cm = confusion_matrix(r["preds"], r["labels"], cfg.model.num_classes)
+    if not ctx.enabled:
+        return {"loss": r["loss"], "acc": r["acc"], "confusion": cm}
+    sums = torch.tensor([r["loss"] * len(part), float(len(part))], dtype=torch.float64, device=ctx.device)
+    sums = all_reduce_sum(sums, ctx)
+    cm = all_reduce_sum(cm.to(ctx.device), ctx).cpu()
+    n = max(float(sums[1]), 1.0)
+    return {"loss": float(sums[0]) / n, "acc": float(cm.diag().sum()) / n, "confusion": cm}
 
 
 def finish_run(run_dir: Path, cfg: RunConfig, data: FerData, splits: Splits, rows: list[dict],
