@@ -66,6 +66,9 @@ def open_image(source: str | Path | bytes | BinaryIO, max_pixels: int = MAX_PIXE
     except IsADirectoryError:
         raise ImageError("is a folder", "missing") from None
     except UnidentifiedImageError:
+        fmt = _signature(source)
+        if fmt:
+            raise ImageError(f"damaged {fmt} image (its header cannot be read)") from None
         raise ImageError("not an image (readable: jpeg, png, webp, bmp, gif, tiff)", "not_image") from None
     except OSError as e:
         raise ImageError(f"cannot read ({e.strerror or e})") from None
@@ -79,6 +82,26 @@ def open_image(source: str | Path | bytes | BinaryIO, max_pixels: int = MAX_PIXE
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
         raise ImageError(f"damaged {im.format} image ({e})") from None
     return im
+
+
+SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM": "BMP", b"II*\x00": "TIFF",
+              b"MM\x00*": "TIFF"}
+
+
+def _signature(source) -> str | None:
+    """The format a file's first bytes claim, to tell a damaged image from something that is no image at all."""
+    try:
+        if isinstance(source, (str, Path)):
+            with open(source, "rb") as f:
+                head = f.read(12)
+        else:
+            source.seek(0)
+            head = source.read(12)
+    except (OSError, AttributeError):
+        return None
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    return next((fmt for magic, fmt in SIGNATURES.items() if head.startswith(magic)), None)
 
 
 def to_gray(im: Image.Image) -> Image.Image:
