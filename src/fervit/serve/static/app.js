@@ -129,6 +129,8 @@ document.getElementById("file-input").addEventListener("change", async (event) =
 // Webcam: grab a frame, send it, draw the answer, then grab the next; one request in flight at a time.
 async function webcamLoop() {
   const grab = document.createElement("canvas");
+  let frames = 0;
+  const started = performance.now();
   while (stream) {
     if (video.readyState < 2) {
       await new Promise((resolve) => setTimeout(resolve, 50));
@@ -144,7 +146,10 @@ async function webcamLoop() {
       if (!stream) break;
       drawResult(grab, grab.width, grab.height, result);
       renderCards(result);
-      setStatus(`Webcam: ${summary(result)}`);
+      frames += 1;
+      view.dataset.frames = String(frames); // lets a test (or a curious reader) see that frames keep coming
+      const fps = (1000 * frames) / (performance.now() - started);
+      setStatus(`Webcam: ${summary(result)} · ${fps.toFixed(1)} frames/s`);
     } catch (err) {
       setStatus(`Webcam: ${err.message}`, true);
       await new Promise((resolve) => setTimeout(resolve, 1000));
