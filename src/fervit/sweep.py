@@ -1,0 +1,254 @@
+"""Hyperparameter sweeps with Optuna: each trial is a normal run folder, the study lives in a database.
+
+The storage is any SQLAlchemy URL: a local SQLite file by default, PostgreSQL when many workers (processes,
+machines, Slurm array tasks) share one study. Weak trials are pruned on validation accuracy once the
+learning-rate warmup is over. A trial stopped by SIGTERM/SIGUSR1 is queued again with its run folder, and
+the worker that picks it up resumes that run exactly instead of starting over.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import math
+import random
+import time
+import warnings
+from pathlib import Path
+
+from fervit.config import RunConfig, apply_overrides, resolve_data_root
+from fervit.errors import FervitError
+from fervit.io import write_json
+from fervit.runs import make_run_dir
+from fervit.training.distributed import DistContext
+from fervit.training.resume import Preempted, StopSignals, has_checkpoint
+
+# The ranges the original project explored by hand. Keys are config keys, plus two derived ones:
+# model.mlp_ratio (mlp_dim = ratio x embed_dim) and augment.strength (scales every augmentation amount).
+# Every embed_dim here divides by every head count, so no combination is invalid.
+DEFAULT_SPACE = {
+    "model.patch_size": {"choices": [4, 6, 8, 12]},
+    "model.embed_dim": {"choices": [96, 192, 288, 384]},
+    "model.depth": {"low": 2, "high": 8},
+    "model.num_heads": {"choices": [2, 3, 4, 6, 8]},
+    "model.mlp_ratio": {"choices": [2, 3, 4]},
+    "model.dropout": {"low": 0.0, "high": 0.3},
+    "optim.lr": {"low": 1e-4, "high": 3e-3, "log": True},
+    "optim.label_smoothing": {"low": 0.0, "high": 0.2},
+    "optim.class_weights": {"choices": ["none", "balanced"]},
+    "augment.strength": {"low": 0.0, "high": 1.5},
+}
+ONLY_FOR = {"model.patch_size": "vit_patch"}  # a key that only one model reads is not searched for the other
+DERIVED = ("model.mlp_ratio", "augment.strength")
+
+
+class InvalidTrial(FervitError):
+    """The sampled values do not make a model; the trial fails and the sweep goes on."""
+
+
+def _optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise FervitError("fervit sweep needs Optuna and SQLAlchemy: pip install 'fervit[sweep]'") from None
+    return optuna
+
+
+def load_space(path: str | Path | None) -> dict:
+    """The search space: DEFAULT_SPACE, or a JSON file of the same shape."""
+    if path is None:
+        return copy.deepcopy(DEFAULT_SPACE)
+    p = Path(path)
+    try:
+        space = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise FervitError(f"search space '{p}' does not exist") from None
+    except json.JSONDecodeError as e:
+        raise FervitError(f"search space '{p}' is not valid JSON: {e}") from None
+    if not isinstance(space, dict) or not space:
+        raise FervitError(f"search space '{p}' must be a JSON object of key -> {{choices}} or {{low, high}}")
+    for key, spec in space.items():
+        if not isinstance(spec, dict) or not ("choices" in spec or {"low", "high"} <= set(spec)):
+            raise FervitError(f"search space entry '{key}' needs \"choices\": [...] or \"low\" and \"high\"")
+    return space
+
+
+def suggest(trial, space: dict, base: RunConfig) -> dict:
+    """One value per searched key, drawn by the trial's sampler."""
+    params = {}
+    for key, spec in space.items():
+        if key in ONLY_FOR and base.model.name != ONLY_FOR[key]:
+            continue
+        if "choices" in spec:
+            params[key] = trial.suggest_categorical(key, spec["choices"])
+        elif isinstance(spec["low"], int) and isinstance(spec["high"], int) and not spec.get("log"):
+            params[key] = trial.suggest_int(key, spec["low"], spec["high"], step=spec.get("step", 1))
+        else:
+            params[key] = trial.suggest_float(key, float(spec["low"]), float(spec["high"]), log=spec.get("log", False))
+    return params
+
+
+def apply_params(base: RunConfig, params: dict) -> RunConfig:
+    """A copy of `base` with the trial's values, derived keys expanded into real config fields."""
+    cfg = copy.deepcopy(base)
+    plain = {k: v for k, v in params.items() if k not in DERIVED}
+    apply_overrides(cfg, [f"{k}={v}" for k, v in plain.items()])
+    if "model.mlp_ratio" in params:
+        cfg.model.mlp_dim = int(params["model.mlp_ratio"] * cfg.model.embed_dim)
+    if "augment.strength" in params:
+        s, a, b = params["augment.strength"], cfg.augment, base.augment
+        a.rotation, a.translate = b.rotation * s, b.translate * s
+        a.brightness, a.contrast = b.brightness * s, b.contrast * s
+        a.erase_p = min(b.erase_p * s, 1.0)
+        a.scale = (min(max(1 - (1 - b.scale[0]) * s, 0.05), b.scale[1]), b.scale[1])
+    if cfg.model.embed_dim % cfg.model.num_heads:
+        raise InvalidTrial(f"the search space allows embed_dim {cfg.model.embed_dim} with {cfg.model.num_heads} "
+                          "heads, which do not divide; give dims that every head count divides")
+    if cfg.model.name == "vit_patch" and cfg.model.img_size % cfg.model.patch_size:
+        raise InvalidTrial(f"patch size {cfg.model.patch_size} does not divide the {cfg.model.img_size}px image")
+    return cfg
+
+
+def open_storage(url: str):
+    """An Optuna RDB storage for `url`, with heartbeats so a worker that dies mid-trial (a hard kill) has
+    its trial marked failed and retried by another worker."""
+    optuna = _optuna()
+    import sqlalchemy.exc
+
+    kwargs = {}
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None:
+        url = "postgresql+psycopg2://" + url[len("postgresql://"):]  # SQLAlchemy 2.1 defaults to psycopg 3
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        kwargs = {"connect_args": {"timeout": 60}}  # workers queue for SQLite's single writer instead of failing
+    # the retried trial inherits the user attributes, so it resumes the dead worker's run folder
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna marks heartbeats experimental and renamed the callback in 4.9
+        if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):
+            stale = {"heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)}
+        else:
+            stale = {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=2)}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=60, grace_period=180,
+                                              **stale)
+    except sqlalchemy.exc.ArgumentError:
+        raise FervitError(f"'{url}' is not a database URL; use sqlite:///path/study.db or "
+                          "postgresql://user@host:port/db") from None
+    except ImportError as e:
+        raise FervitError(f"cannot open the study database {url}: {str(e).splitlines()[0]}") from None
+
+
+def open_study(name: str, url: str, pruner):
+    """Create or join the study; workers that start together may race to create the tables, so retry."""
+    optuna = _optuna()
+    import sqlalchemy.exc
+
+    for attempt in range(8):
+        try:
+            return optuna.create_study(study_name=name, storage=open_storage(url), direction="maximize",
+                                       pruner=pruner, load_if_exists=True)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError,
+                optuna.exceptions.DuplicatedStudyError) as e:
+            if attempt == 7:
+                raise FervitError(f"cannot open study '{name}' in {url}: {str(e).splitlines()[0]}") from None
+            time.sleep(0.2 + random.random())
+
+
+def run_sweep(base: RunConfig, *, study_name: str = "fervit", storage: str | None = None, trials: int = 20,
+              max_study_trials: int = 0, timeout_s: float = 0, space: dict | None = None, pruner="median",
+              output: str | Path = "runs/sweeps", quiet: bool = True, data=None) -> dict:
+    """Run `trials` trials of the study (joined, or created) in this process; returns the study's best.
+
+    `storage` defaults to `OUTPUT/STUDY/study.db` (SQLite); trials are run folders in `OUTPUT/STUDY/`.
+    `max_study_trials` stops this worker once the whole study has that many finished trials.
+    `pruner`: "median", "none", or an Optuna pruner. Raises Preempted when a stop signal ended a trial.
+    """
+    optuna = _optuna()
+    from fervit.data.dataset import load_fer
+    from fervit.training.trainer import resolve_device, train
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    folder = Path(output) / study_name
+    folder.mkdir(parents=True, exist_ok=True)
+    url = storage or f"sqlite:///{folder.resolve() / 'study.db'}"
+    space = DEFAULT_SPACE if space is None else space
+    if pruner == "median":
+        # before the lr warmup ends, accuracies say little about where a trial will end
+        pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=math.ceil(base.optim.warmup_epochs))
+    elif pruner == "none":
+        pruner = optuna.pruners.NopPruner()
+    study = open_study(study_name, url, pruner)
+    check_space(space, base)  # a misspelt key fails now, not after the first trial has trained
+    if data is None:
+        base.data.root = resolve_data_root(base.data.root)
+        data = load_fer(base.data.root, base.data.cache_dir or None, base.data.strict, progress=not quiet)
+    ctx = DistContext(device=resolve_device(base.train.device))  # a sweep worker is one process; many share a study
+
+    def objective(trial) -> float:
+        cfg = apply_params(base, suggest(trial, space, base))
+        previous = trial.user_attrs.get("run_dir")  # set when a stopped trial was queued again
+        resume = bool(previous) and has_checkpoint(previous)
+        run_dir = Path(previous) if resume else make_run_dir(folder, cfg)
+        trial.set_user_attr("run_dir", str(run_dir))
+
+        def report(row: dict) -> str | None:
+            trial.report(row["val_acc"], row["epoch"])
+            return f"pruned by the sweep after epoch {row['epoch']}" if trial.should_prune() else None
+
+        try:
+            train(cfg, quiet=True, data=data, run_dir=run_dir, resume=resume, ctx=ctx, on_epoch=report)
+        except Preempted:
+            trial.study.enqueue_trial(trial.params, user_attrs={"run_dir": str(run_dir)})
+            raise
+        results = json.loads((run_dir / "results.json").read_text())
+        pruned = results.get("stopped", "").startswith("pruned")
+        write_json(run_dir / "trial.json", {"study": study_name, "storage": _safe_url(url), "trial": trial.number,
+                                            "params": trial.params, "pruned": pruned})
+        if not quiet:
+            print(f"trial {trial.number}: best val acc {results['best_val_acc']:.4f}"
+                  f"{' (pruned)' if pruned else ''} | {run_dir}", flush=True)
+        if pruned:
+            raise optuna.TrialPruned()
+        return results["best_val_acc"]
+
+    callbacks = []
+    with StopSignals() as signals:  # a signal between trials: start no new one
+        callbacks.append(lambda study, trial: study.stop() if signals.requested else None)
+        if max_study_trials > 0:
+            done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+            callbacks.append(optuna.study.MaxTrialsCallback(max_study_trials, states=done))
+        study.optimize(objective, n_trials=trials, timeout=timeout_s or None, callbacks=callbacks,
+                       catch=(InvalidTrial,), gc_after_trial=True)
+        if signals.requested:
+            raise Preempted(f"{signals.requested}: stopped between trials; run the same `fervit sweep` command "
+                            "to continue the study")
+    return best_of(study)
+
+
+def check_space(space: dict, base: RunConfig) -> None:
+    """One-line errors for keys that are not config fields (or derived ones) and values of the wrong type."""
+    for key, spec in space.items():
+        if key not in DERIVED:
+            value = spec["choices"][0] if "choices" in spec else spec["low"]
+            apply_overrides(copy.deepcopy(base), [f"{key}={value}"])
+
+
+def _safe_url(url: str) -> str:
+    """The URL without a password, for files that others may read."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def best_of(study) -> dict:
+    """The best finished trial: its number, validation accuracy, parameters and run folder."""
+    try:
+        best = study.best_trial
+    except ValueError:
+        return {"study": study.study_name, "trials": len(study.trials), "best": None}
+    return {"study": study.study_name, "trials": len(study.trials),
+            "best": {"trial": best.number, "val_acc": best.value, "params": best.params,
+                     "run_dir": best.user_attrs.get("run_dir")}}
