@@ -136,7 +136,7 @@ def test_the_webcam_feed_is_labelled_live(browser, server):
     browser.get(server)
     browser.find_element(By.ID, "webcam-button").click()
     wait_for(browser, lambda d: len(face_cards(d)) == len(FACES), "one card per face in the webcam frame")
-    assert browser.find_element(By.ID, "status").text.startswith(f"Webcam: {len(FACES)} faces.")
+    assert browser.find_element(By.ID, "status").text.startswith(f"Webcam: {len(FACES)} faces · ")
     # live: frame after frame is sent, answered and drawn while the webcam is on
     wait_for(browser, lambda d: int(d.find_element(By.ID, "view").get_attribute("data-frames") or 0) >= 3,
              "three webcam frames")

@@ -98,9 +98,9 @@ function renderCards(result) {
 }
 
 function summary(result) {
-  if (!result.faces.length) return "No face found in this image.";
+  if (!result.faces.length) return "no face found";
   const n = result.faces.length;
-  return `${n} face${n > 1 ? "s" : ""}${result.whole ? " (the whole image is taken as a face crop)" : ""}.`;
+  return `${n} face${n > 1 ? "s" : ""}${result.whole ? " (the whole image is taken as a face crop)" : ""}`;
 }
 
 document.getElementById("file-input").addEventListener("change", async (event) => {
@@ -116,7 +116,7 @@ document.getElementById("file-input").addEventListener("change", async (event) =
     await img.decode();
     drawResult(img, img.naturalWidth, img.naturalHeight, result);
     renderCards(result);
-    setStatus(`${file.name}: ${summary(result)}`);
+    setStatus(`${file.name}: ${summary(result)}.`);
   } catch (err) {
     results.replaceChildren();
     setStatus(`${file.name}: ${err.message}`, true);

@@ -1,0 +1,157 @@
+"""Inference speed on the CPU: eager PyTorch vs ONNX Runtime, batch-1 latency and batched throughput.
+
+    python benchmarks/bench_inference.py [--threads 2] [--model RUN_DIR ...] [--photo PHOTO.jpg]
+
+Without --model it times both architectures at their preset sizes (vit_cnn.json, vit_patch.json)
+with random weights: speed does not depend on the weight values. Prints a Markdown table for
+BENCHMARKS.md. Needs the onnx extra; the pipeline rows need the detect extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def latency_ms(fn, x, warmup: int, runs: int) -> tuple[float, float]:
+    """Median and fastest wall time of fn(x), in milliseconds (on a shared machine the fastest run is the
+    best estimate of the uncontended speed; the median shows what a user sees under that load)."""
+    for _ in range(warmup):
+        fn(x)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn(x)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), min(times)
+
+
+def throughput(fn, x, seconds: float) -> tuple[float, float]:
+    """Images per second over at least `seconds` of back-to-back batches (after one warm-up batch):
+    the overall rate and the fastest single batch's rate."""
+    fn(x)
+    n, t0, best = 0, time.perf_counter(), float("inf")
+    while time.perf_counter() - t0 < seconds:
+        t1 = time.perf_counter()
+        fn(x)
+        best = min(best, time.perf_counter() - t1)
+        n += len(x)
+    return n / (time.perf_counter() - t0), len(x) / best
+
+
+def load_average() -> str:
+    """The 1-minute load average: other processes on a shared CPU skew every number here."""
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except OSError:
+        return "?"
+
+
+def models_to_time(paths: list[str]):
+    """(label, model, meta): the given checkpoints, or both architectures at their preset sizes."""
+    from fervit.config import load_preset
+    from fervit.models import build_model, count_parameters
+    from fervit.training.checkpoint import load_model
+
+    if paths:
+        for p in paths:
+            model, meta = load_model(p, "cpu")
+            yield f"{meta['model']['name']} ({Path(p).name}, {count_parameters(model) / 1e6:.2f}M)", model, meta
+        return
+    for preset in ("vit_cnn", "vit_patch"):
+        cfg = load_preset(preset).model
+        model = build_model(cfg).eval()
+        meta = {"model": vars(cfg), "classes": ["angry", "disgusted", "fearful", "happy", "neutral", "sad",
+                                                "surprised"],
+                "input": {"size": cfg.img_size, "channels": 1, "mean": 0.5, "std": 0.5}}
+        yield f"{preset} ({count_parameters(model) / 1e6:.2f}M params)", model, meta
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", action="append", default=[], help="run folder or checkpoint (repeatable)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads for both runtimes")
+    ap.add_argument("--batch", type=int, default=64, help="batch size for the throughput column")
+    ap.add_argument("--runs", type=int, default=200, help="timed batch-1 calls per backend")
+    ap.add_argument("--seconds", type=float, default=4.0, help="time per throughput measurement")
+    ap.add_argument("--photo", help="also time the whole predict pipeline (decode, detect, crop, classify) on it")
+    args = ap.parse_args(argv)
+
+    from fervit.data.augment import normalize
+    from fervit.inference.onnx import export_onnx, load_onnx
+
+    torch.set_num_threads(args.threads)
+    load0 = load_average()
+    one = normalize(torch.randint(0, 256, (1, 48, 48), dtype=torch.uint8))
+    batch = normalize(torch.randint(0, 256, (args.batch, 48, 48), dtype=torch.uint8))
+    rows = []
+    tmp = Path(tempfile.mkdtemp(prefix="fervit-bench-"))
+    models = list(models_to_time(args.model))
+    bar = tqdm(total=len(models) * 2, desc="benchmarking", unit="backend", file=sys.stderr)
+    for label, model, meta in models:
+        model.eval()
+        onnx_path = export_onnx(model, meta, tmp / f"{meta['model']['name']}.onnx")
+        classifier, _ = load_onnx(onnx_path, threads=args.threads)
+
+        @torch.inference_mode()
+        def eager(x, model=model):
+            return model(x)
+
+        backends = [("PyTorch eager", eager, lambda t: t),
+                    ("ONNX Runtime", classifier, lambda t: t.numpy())]
+        for name, fn, convert in backends:
+            med, fastest = latency_ms(fn, convert(one), warmup=20, runs=args.runs)
+            ips, best_ips = throughput(fn, convert(batch), args.seconds)
+            rows.append((label, name, med, fastest, ips, best_ips))
+            bar.update()
+    bar.close()
+
+    print(f"\nMachine: {cpu_name()}, {os.cpu_count()} logical cores, {args.threads} threads | "
+          f"torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}, "
+          f"Python {platform.python_version()} | load average before/after: {load0} / {load_average()}\n")
+    print(f"| model | backend | bs=1 latency: median (fastest) | bs={args.batch} throughput: overall (fastest batch) |")
+    print("|---|---|---|---|")
+    for label, name, med, fastest, ips, best_ips in rows:
+        print(f"| {label} | {name} | {med:.1f} ms ({fastest:.1f} ms) | {ips:,.0f} ({best_ips:,.0f}) faces/s |")
+
+    if args.photo:
+        from PIL import Image
+
+        from fervit.inference.faces import open_image
+        from fervit.inference.predictor import Predictor
+
+        label, model, meta = models[0]
+        predictor = Predictor(classifier=load_onnx(tmp / f"{meta['model']['name']}.onnx", args.threads)[0],
+                              meta=meta)
+        data = Path(args.photo).read_bytes()
+        n_faces = len(predictor.predict_images([("photo", open_image(data))])[0].faces)
+        med, fastest = latency_ms(lambda d: predictor.predict_images([("photo", open_image(d))]), data,
+                                  warmup=3, runs=30)
+        size = Image.open(args.photo).size
+        print(f"\nWhole pipeline, {label} on ONNX Runtime: {Path(args.photo).name} ({size[0]}x{size[1]}, "
+              f"{n_faces} faces): {med:.1f} ms median ({fastest:.1f} ms fastest) per photo")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
