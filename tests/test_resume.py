@@ -144,6 +144,16 @@ def stopped_run(layout, monkeypatch, tmp_path) -> Path:
     return stop.value.run_dir
 
 
+def test_the_same_run_dir_command_line_resumes_a_stopped_run_exactly(stopped_run, layout, reference):
+    settings = ["train.threads=1", "train.batch_size=16", "model.dropout=0.1", "augment.mixup_alpha=0.2",
+                "optim.ema_decay=0.9"]
+    argv = ["train", "--run-dir", str(stopped_run), "--preset", "tiny", "--data", str(layout), "--cache-dir",
+            str(layout.parent / "cache"), "--output", str(stopped_run.parent), "--device", "cpu",
+            "--epochs", str(EPOCHS), "--quiet"]
+    assert main(argv + [arg for s in settings for arg in ("--set", s)]) == 0
+    assert outcome(stopped_run) == reference
+
+
 def test_resuming_a_damaged_checkpoint_is_one_clear_error(stopped_run, capsys):
     tensors = stopped_run / LAST_DIR / "e0001.safetensors"
     tensors.write_bytes(tensors.read_bytes()[:-100])

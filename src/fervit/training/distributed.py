@@ -53,10 +53,12 @@ def init_distributed(device_name: str, resolve_device) -> DistContext:
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     device = resolve_device(device_name)
     if device.type == "cuda":
-        if local_rank >= torch.cuda.device_count():
-            raise FervitError(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); start at "
-                              "most one process per GPU")
-        device = torch.device("cuda", local_rank)
+        visible = torch.cuda.device_count()
+        index = 0 if visible == 1 else local_rank  # Slurm's --gpus-per-task shows each task only its own GPU
+        if index >= visible:
+            raise FervitError(f"local rank {local_rank} has no GPU ({visible} visible); start at most one "
+                              "process per GPU")
+        device = torch.device("cuda", index)
         torch.cuda.set_device(device)
     if dist.is_initialized():  # a caller (a test, a notebook) already joined the group
         return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, owns_group=False)

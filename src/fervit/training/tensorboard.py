@@ -32,7 +32,7 @@ class TensorBoardLog:
                               "pip install 'fervit[tensorboard]'", stacklevel=2)
                 _warned = True
             return
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_epoch + 1 if start_epoch else None)
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_epoch + 1)
 
     def epoch(self, row: dict, val_confusion: torch.Tensor) -> None:
         """One point per curve at step = epoch."""

@@ -221,7 +221,10 @@ def train(cfg: RunConfig, quiet: bool = False, data: FerData | None = None, *, r
             try:
                 return _train(cfg, quiet, data, run_dir, resume, ctx, on_epoch, signals, t_start)
             except StopNow as e:
-                raise Preempted(signals.run_dir, None, str(e)) from None
+                run_dir = signals.run_dir
+                raise Preempted(f"{e}: stopped at once, mid-epoch; continue from the previous epoch's checkpoint "
+                                f"with `fervit train --resume {run_dir}`" if run_dir else
+                                f"{e}: stopped before training began; run the same command again", run_dir) from None
     finally:
         close(ctx)
 
@@ -264,6 +267,8 @@ def _train(cfg: RunConfig, quiet: bool, data: FerData | None, run_dir, resume: b
         state = load_last(run_dir)
         if state is not None:
             validate(state, cfg, ctx, fingerprint, Path(run_dir))
+        else:
+            log(f"{run_dir} has no checkpoint yet: starting it from epoch 1, which is where it was")
     model = build_model(cfg.model)
     if cfg.model.pretrained and state is None:
         load_pretrained(model, cfg.model.pretrained, log)
@@ -373,7 +378,9 @@ def _train(cfg: RunConfig, quiet: bool, data: FerData | None, run_dir, resume: b
             if preempted:
                 checkpoints.wait()
                 tb.close()
-                raise Preempted(run_dir, epoch, signals.requested or "a stop signal to another rank")
+                raise Preempted(f"{signals.requested or 'a stop signal to another rank'}: stopped after epoch "
+                                f"{epoch} with a checkpoint; continue with `fervit train --resume {run_dir}`",
+                                run_dir, epoch)
             if stop_reason:
                 log(stop_reason)
     except KeyboardInterrupt:
