@@ -49,11 +49,9 @@ FREE_KEYS = frozenset({"data.root", "data.cache_dir", "data.strict", "train.outp
 class Preempted(Exception):
     """Training stopped on a signal after its `last` checkpoint was written; `fervit train --resume` continues."""
 
-    def __init__(self, run_dir: Path | None, epoch: int | None, signame: str):
-        where = f"after epoch {epoch} with a checkpoint" if epoch is not None else "at once, mid-epoch"
-        how = f"`fervit train --resume {run_dir}`" if run_dir else "the same command (no run folder existed yet)"
-        super().__init__(f"{signame}: stopped {where}; continue with {how}")
-        self.run_dir, self.epoch, self.signame = run_dir, epoch, signame
+    def __init__(self, message: str, run_dir: Path | None = None, epoch: int | None = None):
+        super().__init__(message)
+        self.run_dir, self.epoch = run_dir, epoch
 
 
 class StopNow(Exception):
