@@ -7,9 +7,10 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from fervit.config import AugmentConfig
-from fervit.data.augment import affine_params, augment_batch, erase_mask, normalize
+from fervit.data.augment import affine_grid, affine_params, augment_batch, erase_mask, normalize
 from fervit.evaluation.evaluate import predict_logits
 
 # every op switched off but the pipeline enabled: the identity, so each test can turn on one op
@@ -52,6 +53,12 @@ def test_augmentation_does_not_modify_the_resident_uint8_images():
     before = images.clone()
     augment_batch(images, AugmentConfig(), gen())
     assert torch.equal(images, before)
+
+
+def test_sampling_grid_equals_torchs_affine_grid():
+    mat = affine_params(AugmentConfig(rotation=30.0), 64, gen(), "cpu")
+    expected = F.affine_grid(mat, [64, 1, 48, 40], align_corners=False)
+    torch.testing.assert_close(affine_grid(mat, 48, 40), expected, atol=1e-6, rtol=0)
 
 
 def test_certain_flip_is_an_exact_mirror():
