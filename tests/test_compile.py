@@ -23,6 +23,7 @@ def small_model() -> torch.nn.Module:
 
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
                     reason="torch.compile on CPU (inductor) needs a C++ compiler, and none is on PATH")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # raised inside torch's compiler
 def test_compiled_model_matches_eager_logits_and_gradients_and_the_trial_step_trains_nothing():
     model = small_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
 import statistics
@@ -109,14 +110,13 @@ def cpu_name() -> str:
 
 def machine_info(device: torch.device) -> dict:
     """What the numbers were measured on."""
-    import os
-
     info = {
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default (spin, then sleep)"),
         "torch": torch.__version__,
         "python": sys.version.split()[0],
         "platform": platform.platform(),

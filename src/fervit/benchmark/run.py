@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -63,7 +64,7 @@ def bench_config(device: torch.device, quick: bool = False, **overrides) -> Benc
     `overrides` (None values ignored) replace single fields, e.g. `batch_size=64`.
     """
     if quick:  # a smoke run for CI: every code path, numbers only indicative
-        cfg = BenchConfig(batch_size=32, eval_batch_size=128, data_images=1024, train_steps=2, eval_images=128,
+        cfg = BenchConfig(batch_size=32, eval_batch_size=64, data_images=1024, train_steps=1, eval_images=64,
                           warmup_steps=1, repeats=2, latency_runs=5, quick=True)
     elif device.type == "cuda":
         cfg = BenchConfig()
@@ -352,8 +353,6 @@ class _UsualBatches:
 
 
 def _cpu_count() -> int:
-    import os
-
     return os.cpu_count() or 1
 
 
@@ -371,7 +370,8 @@ def format_table(result: dict) -> str:
     dp = result["data_path"]
     lines = [
         f"fervit bench on {m['device']} ({m['device_name']}; {m['cpu_count']} CPUs, {m['torch_threads']} torch "
-        f"threads) | torch {m['torch']} | torchvision {m['torchvision']} | kornia {m['kornia']}",
+        f"threads, OMP_WAIT_POLICY {m['omp_wait_policy']}) | torch {m['torch']} | torchvision {m['torchvision']} | "
+        f"kornia {m['kornia']}",
         f"command: {result['command']}",
         f"batch {s['batch_size']} (eval {s['eval_batch_size']}), amp {s['amp']}, usual pipeline with "
         f"{s['workers']} DataLoader workers; {s['timing']}",
