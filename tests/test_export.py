@@ -16,7 +16,8 @@ pytest.importorskip("onnxscript", reason="ONNX export needs the onnx extra")
 
 from fervit.cli import main  # noqa: E402
 from fervit.data.augment import normalize  # noqa: E402
-from fervit.inference.onnx import PROB_ATOL, ParityReport, check_parity, export_onnx, load_onnx, real_test_slice  # noqa: E402
+from fervit.inference.onnx import (PROB_ATOL, ParityReport, check_parity, export_onnx, load_onnx,  # noqa: E402
+                                   real_test_slice)
 from fervit.training.checkpoint import load_model  # noqa: E402
 from test_predict import FACES, make_checkpoint  # noqa: E402
 

@@ -14,7 +14,7 @@ from PIL import Image
 from fervit.cli import main
 from fervit.config import ModelConfig
 from fervit.data.dataset import CLASSES, decode_image
-from fervit.inference.faces import Box, face_crop, to_gray
+from fervit.inference.faces import Box, face_crop
 from fervit.inference.predictor import Predictor, default_model
 from fervit.models import build_model
 from fervit.training.checkpoint import save_model

@@ -21,9 +21,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from fervit.data.dataset import IMG_SIZE
 from fervit.errors import FervitError
 
-# Formats a photo may come in (JPEG includes cameras' MPO files); PIL would also open EPS (through Ghostscript) and other rarities we never need.
+# Formats a photo may come in (JPEG covers cameras' MPO files); PIL would also open EPS (through
+# Ghostscript) and other rarities no photo needs.
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MAX_PIXELS = 50_000_000  # a 50 MP photo decodes to 150 MB of RGB; larger is refused before decoding
 FACE_CROP_MAX_SIDE = 128  # images whose longer side is at most this are taken to be face crops already
 MARGIN = 0.01  # fraction of the box added on every side: a Haar box is already framed like FER-2013

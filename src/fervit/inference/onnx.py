@@ -102,8 +102,11 @@ def real_test_slice(root: str | os.PathLike, n: int = 512) -> tuple[np.ndarray, 
     if test_dir is None:
         raise FervitError(f"no test/ folder in '{root}' to check the export on; give --data ROOT of a FER-2013 "
                           "folder layout")
-    files = [(p, class_index(d.name)) for d in sorted(test_dir.iterdir()) if d.is_dir() and class_index(d.name)
-             is not None for p in sorted(d.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS]
+    files = []
+    for class_dir in sorted(test_dir.iterdir()):
+        label = class_index(class_dir.name) if class_dir.is_dir() else None
+        if label is not None:
+            files += [(p, label) for p in sorted(class_dir.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS]
     if not files:
         raise FervitError(f"no test images under '{test_dir}'")
     pick = np.linspace(0, len(files) - 1, min(n, len(files))).round().astype(int)
