@@ -18,6 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
 from fervit import __version__
+from fervit.errors import FervitError
 from fervit.inference.faces import ImageError, open_image
 from fervit.inference.predictor import Predictor
 
@@ -88,6 +89,8 @@ class BodySizeLimit:
 def create_app(predictor: Predictor, limits: UploadLimits | None = None) -> FastAPI:
     """The app around an already-loaded predictor."""
     limits = limits or UploadLimits()
+    if not (STATIC / "index.html").is_file():
+        raise FervitError(f"the web page's files are missing from this install ({STATIC}); reinstall fervit")
     lock = threading.Lock()
     app = FastAPI(title="fervit", version=__version__,
                   description="Facial emotion recognition: upload a photo, get every face's box and the "
