@@ -2,24 +2,29 @@
 
     python benchmarks/bench_inference.py [--threads 2] [--model RUN_DIR ...] [--photo PHOTO.jpg]
 
-Without --model it times both architectures at their preset sizes (vit_cnn.json, vit_patch.json)
-with random weights: speed does not depend on the weight values. Prints a Markdown table for
+Without --model it times both architectures at their preset sizes (vit_cnn.json, vit_patch.json, and
+small.json) with random weights: speed does not depend on the weight values. Prints a Markdown table for
 BENCHMARKS.md. Needs the onnx extra; the pipeline rows need the detect extra.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import platform
-import statistics
-import sys
-import tempfile
-import time
-from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
+# Idle OpenMP threads sleep instead of spinning: on a shared 2-core machine spinning threads steal the
+# cores the other thread needs (PyTorch's bs=1 median was 5-10x its fastest run). Read when torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
 
 def cpu_name() -> str:
@@ -68,7 +73,7 @@ def load_average() -> str:
 
 def models_to_time(paths: list[str]):
     """(label, model, meta): the given checkpoints, or both architectures at their preset sizes."""
-    from fervit.config import load_preset
+    from fervit.config import load_preset, preset_names
     from fervit.models import build_model, count_parameters
     from fervit.training.checkpoint import load_model
 
@@ -77,13 +82,15 @@ def models_to_time(paths: list[str]):
             model, meta = load_model(p, "cpu")
             yield f"{meta['model']['name']} ({Path(p).name}, {count_parameters(model) / 1e6:.2f}M)", model, meta
         return
-    for preset in ("vit_cnn", "vit_patch"):
+    for preset in ("vit_cnn", "vit_patch", "small"):
+        if preset not in preset_names():
+            continue
         cfg = load_preset(preset).model
         model = build_model(cfg).eval()
         meta = {"model": vars(cfg), "classes": ["angry", "disgusted", "fearful", "happy", "neutral", "sad",
                                                 "surprised"],
                 "input": {"size": cfg.img_size, "channels": 1, "mean": 0.5, "std": 0.5}}
-        yield f"{preset} ({count_parameters(model) / 1e6:.2f}M params)", model, meta
+        yield f"{cfg.name}, {preset} preset ({count_parameters(model) / 1e6:.2f}M params)", model, meta
 
 
 def main(argv=None) -> int:
@@ -127,7 +134,8 @@ def main(argv=None) -> int:
 
     print(f"\nMachine: {cpu_name()}, {os.cpu_count()} logical cores, {args.threads} threads | "
           f"torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}, "
-          f"Python {platform.python_version()} | load average before/after: {load0} / {load_average()}\n")
+          f"Python {platform.python_version()} | OMP_WAIT_POLICY {os.environ['OMP_WAIT_POLICY']} | "
+          f"load average before/after: {load0} / {load_average()}\n")
     print(f"| model | backend | bs=1 latency: median (fastest) | bs={args.batch} throughput: overall (fastest batch) |")
     print("|---|---|---|---|")
     for label, name, med, fastest, ips, best_ips in rows:

@@ -78,6 +78,8 @@ def load_onnx(path: str | os.PathLike, threads: int = 0) -> tuple[OnnxClassifier
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.log_severity_level = 3  # errors only: ORT's warnings about unused initialisers are noise here
+    # idle worker threads sleep rather than spin: on a small shared CPU spinning steals the busy thread's core
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own exception classes for damaged or foreign files
