@@ -85,7 +85,7 @@ def peak_memory_mib(device: torch.device) -> float:
 
 def peak_memory_kind(device: torch.device) -> str:
     if device.type == "cuda":
-        return "CUDA max_memory_allocated during the run (MiB)"
+        return "CUDA max_memory_allocated while training (MiB); both rows include the resident dataset (83 MB)"
     return "peak RSS of the bench process so far, excluding DataLoader workers (MiB)"
 
 

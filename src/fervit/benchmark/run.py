@@ -199,6 +199,12 @@ def _bench_model(name: str, preset: RunConfig, cfg: BenchConfig, device, images,
                  gen, train_files: ImageFiles, test_files: ImageFiles, workers: int, stages: Stages) -> dict:
     """Train, evaluate and single-image latency for one model, fervit's pipeline then the usual one."""
     bs = cfg.batch_size
+    steps = min(cfg.train_steps or len(train_dev) // bs, len(train_dev) // bs)
+    warmup = min(cfg.warmup_steps, steps)
+    what = f"{steps} steps of {bs}, best of {cfg.repeats}"
+    compiling = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+    stages.next(f"{name}: model set-up{' and torch.compile' if compiling else ''}, training with the fervit "
+                f"pipeline ({what})")
     preset.train.batch_size = bs
     preset.train.compile = cfg.compile
     torch.manual_seed(0)
@@ -210,13 +216,8 @@ def _bench_model(name: str, preset: RunConfig, cfg: BenchConfig, device, images,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     example = torch.zeros(bs, preset.model.in_chans, preset.model.img_size, preset.model.img_size, device=device)
     train_model = maybe_compile(model, cfg.compile, device, example)  # both pipelines train this same module
-    steps = min(cfg.train_steps or len(train_dev) // bs, len(train_dev) // bs)
-    warmup = min(cfg.warmup_steps, steps)
-    what = f"{steps} steps of {bs}, best of {cfg.repeats}"
 
-    # fervit: the trainer's own epoch function on a random subset of train/ that holds `steps` batches
-    stages.next(f"{name}: training, fervit pipeline ({what})")
-
+    # fervit: the trainer's own epoch function on a random subset of train/ that holds k batches
     def fervit_steps(k: int) -> None:
         subset = train_dev[torch.randperm(len(train_dev), generator=gen, device=device)[:k * bs]]
         train_one_epoch(train_model, None, images, labels, subset, optimizer, scheduler, preset, gen, amp, None)
@@ -396,9 +397,12 @@ def format_table(result: dict) -> str:
     lines.append("")
     peak = result["bf16_peak_tflops"]
     for name, row in result["models"].items():
+        achieved = (f"; fervit trains at {row['fervit']['tflops']:.1f} TFLOP/s, "
+                    f"{row['fervit']['peak_fraction']:.1%} of the {peak:.0f} TFLOP/s bf16 peak" if peak else "")
         lines.append(f"{name}: {row['params'] / 1e6:.2f}M parameters, {row['forward_gflops_per_image']:.3f} GFLOP "
-                     f"forward / {row['train_gflops_per_image']:.3f} GFLOP train per image"
-                     + (", compiled" if row["compiled"] else ", eager"))
-    lines.append(f"bf16 peak {peak:.0f} TFLOP/s" if peak else "bf16 peak: not known for this device")
+                     f"forward / {row['train_gflops_per_image']:.3f} GFLOP train per image, "
+                     f"{'compiled' if row['compiled'] else 'eager'}{achieved}")
+    if not peak:
+        lines.append("bf16 peak: not known for this device")
     lines.append(f"peak memory: {result['peak_mem_kind']}")
     return "\n".join(lines)
