@@ -35,7 +35,7 @@ from fervit.data.dataset import LAYOUT_HINT, load_fer
 from fervit.errors import FervitError
 from fervit.evaluation.evaluate import autocast, evaluate
 from fervit.models import build_model, count_parameters
-from fervit.training.trainer import build_optimizer, maybe_compile, resolve_amp, train_one_epoch
+from fervit.training.trainer import build_optimizer, maybe_compile, optimizer_step, resolve_amp, train_one_epoch
 
 FER2013_EPOCH = 28_709  # images in FER-2013's train/ folder: what "seconds per epoch" means
 
@@ -239,12 +239,7 @@ def _bench_model(name: str, preset: RunConfig, cfg: BenchConfig, device, images,
                 with autocast(device, amp):
                     logits = train_model(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=preset.optim.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if preset.optim.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), preset.optim.grad_clip)
-                optimizer.step()
-                scheduler.step()
+                optimizer_step(loss, model, optimizer, scheduler, preset.optim.grad_clip)
                 # the usual loop keeps its running metrics as Python numbers: a host sync every step
                 running["loss"] += loss.item() * len(y)
                 running["correct"] += int((logits.argmax(-1) == y).sum().item())

@@ -90,6 +90,16 @@ def build_optimizer(model: nn.Module, cfg: RunConfig, device: torch.device) -> t
     return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, fused=device.type == "cuda")
 
 
+def optimizer_step(objective: torch.Tensor, model: nn.Module, optimizer, scheduler, grad_clip: float) -> None:
+    """Backward, optional gradient clipping, then one optimiser and one per-step schedule step."""
+    optimizer.zero_grad(set_to_none=True)
+    objective.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+
+
 def train_one_epoch(model, ema, images, labels, train_idx, optimizer, scheduler, cfg: RunConfig, gen,
                     amp_dtype, loss_weights, sample_weights=None, bar=None, ctx: DistContext | None = None) -> dict:
     """One pass over a fresh permutation (or balanced draw) of train_idx; metrics stay on device.
@@ -131,12 +141,7 @@ def train_one_epoch(model, ema, images, labels, train_idx, optimizer, scheduler,
         else:
             loss = shard_loss(logits.float(), target, y_all, loss_weights, cfg.optim.label_smoothing)
             objective = loss * world  # DDP averages gradients over ranks; the shares must add up instead
-        optimizer.zero_grad(set_to_none=True)
-        objective.backward()
-        if cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
-        scheduler.step()
+        optimizer_step(objective, model, optimizer, scheduler, cfg.optim.grad_clip)
         if ema is not None:
             ema.update_parameters(unwrap(model))
         loss_sum += loss.detach() * len(idx)
