@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import shlex
-import sys
 from pathlib import Path
 
 from fervit.cli import add_data_args
@@ -49,18 +47,7 @@ def command_line(args) -> str:
     return shlex.join(parts)
 
 
-def quiet_omp_threads() -> None:
-    """Let idle OpenMP threads sleep instead of spin (unless the user chose), before torch loads libgomp.
-
-    On a CPU shared with other processes (DataLoader workers, other jobs) spinning threads starve them:
-    on a busy 2-core machine that made both the model step and the batched augmentation 2-10x slower.
-    """
-    if "torch" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
 def run_bench(args) -> int:
-    quiet_omp_threads()
     from fervit.benchmark import bench_config, format_table, run_benchmark
     from fervit.config import resolve_data_root
     from fervit.io import write_json
