@@ -93,3 +93,12 @@ def test_missing_sidecar_is_named(checkpoint):
 def test_cli_evaluate_with_a_damaged_checkpoint(checkpoint):
     checkpoint.write_bytes(b"garbage")
     assert_one_line_error(fervit("evaluate", str(checkpoint.parent)), "damaged")
+
+
+def test_incomplete_model_description_is_named(checkpoint):
+    meta_path = checkpoint.with_suffix(".json")
+    meta = json.loads(meta_path.read_text())
+    del meta["model"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(FervitError, match="incomplete model description \\(missing 'model'\\)"):
+        load_model(checkpoint)

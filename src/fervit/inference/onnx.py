@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from fervit.data.augment import normalize
-from fervit.data.dataset import IMAGE_EXTENSIONS, class_index, decode_image
+from fervit.data.dataset import load_fer
 from fervit.errors import FervitError
 from fervit.io import atomic_write
 
@@ -97,23 +97,16 @@ def load_onnx(path: str | os.PathLike, threads: int = 0) -> tuple[OnnxClassifier
 
 
 def real_test_slice(root: str | os.PathLike, n: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """n images spread evenly over ROOT/test/<class>/ (sorted), decoded as training does: (n, 48, 48), (n,)."""
-    root = Path(root)
-    test_dir = next((p for p in root.iterdir() if p.is_dir() and p.name.lower() == "test"), None) \
-        if root.is_dir() else None
-    if test_dir is None:
-        raise FervitError(f"no test/ folder in '{root}' to check the export on; give --data ROOT of a FER-2013 "
+    """n images spread evenly over the root's test/ images, decoded as training does: (n, 48, 48), (n,).
+
+    Reads through `load_fer`, so the decoded tensor cache a training run left behind is reused."""
+    data = load_fer(root, progress=False)
+    test = torch.nonzero(data.folder == 1).flatten()
+    if len(test) == 0:
+        raise FervitError(f"no test/ images in '{root}' to check the export on; give --data ROOT of a FER-2013 "
                           "folder layout")
-    files = []
-    for class_dir in sorted(test_dir.iterdir()):
-        label = class_index(class_dir.name) if class_dir.is_dir() else None
-        if label is not None:
-            files += [(p, label) for p in sorted(class_dir.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS]
-    if not files:
-        raise FervitError(f"no test images under '{test_dir}'")
-    pick = np.linspace(0, len(files) - 1, min(n, len(files))).round().astype(int)
-    images = np.stack([decode_image(files[i][0]) for i in pick])
-    return images, np.array([files[i][1] for i in pick], dtype=np.int64)
+    pick = test[np.linspace(0, len(test) - 1, min(n, len(test))).round().astype(int)]
+    return data.images[pick].numpy(), data.labels[pick].numpy()
 
 
 @dataclass

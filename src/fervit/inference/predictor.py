@@ -19,6 +19,7 @@ from fervit.data.dataset import IMG_SIZE
 from fervit.errors import FervitError
 from fervit.inference.faces import (MARGIN, MAX_PIXELS, Box, FaceDetector, ImageError, face_crop, is_face_crop,
                                     open_image, to_face, to_gray)
+from fervit.training.checkpoint import WEIGHTS_NAME
 
 DETECT_MODES = ("auto", "always", "never")  # auto: small images are face crops, larger ones are searched
 RUNS_DIR = "runs"
@@ -77,9 +78,9 @@ def shipped_model() -> Path | None:
 
 
 def newest_run(runs_dir: str | os.PathLike = RUNS_DIR) -> Path | None:
-    """The most recently written best_model.safetensors under `runs_dir`, searched recursively."""
+    """The most recently written best checkpoint under `runs_dir`, searched recursively."""
     root = Path(runs_dir)
-    found = [p for p in root.rglob("best_model.safetensors") if p.is_file()] if root.is_dir() else []
+    found = [p for p in root.rglob(WEIGHTS_NAME) if p.is_file()] if root.is_dir() else []
     return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
 
 
@@ -136,10 +137,7 @@ def load_classifier(model: str | os.PathLike | None = None, backend: str = "auto
         from fervit.training.trainer import resolve_device
 
         dev = resolve_device(device)
-        try:
-            net, meta = load_model(path, dev)
-        except (KeyError, TypeError) as e:
-            raise FervitError(f"'{path}' has an incomplete model description (missing {e}); re-export it") from None
+        net, meta = load_model(path, dev)
         classifier = TorchClassifier(net, dev)
         path = find_checkpoint(path)
     check_meta(meta, path)

@@ -85,6 +85,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
         raise FervitError(f"'{meta_path}' is damaged (not valid JSON); re-export the checkpoint") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise FervitError(f"'{meta_path}' is not a fervit model description (expected format {FORMAT})")
+    missing_keys = [k for k in ("model", "classes", "input") if k not in meta]
+    if missing_keys:
+        raise FervitError(f"'{meta_path}' is an incomplete model description (missing {missing_keys[0]!r}); "
+                          "re-export the checkpoint")
     model_cfg = _from_dict(ModelConfig, meta["model"], "model.")
     try:
         state = load_file(weights)
