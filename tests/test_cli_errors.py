@@ -102,3 +102,8 @@ def test_incomplete_model_description_is_named(checkpoint):
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(FervitError, match="incomplete model description \\(missing 'model'\\)"):
         load_model(checkpoint)
+
+
+def test_cli_evaluate_with_a_damaged_run_config(checkpoint):
+    (checkpoint.parent / "config.json").write_text("{not json")
+    assert_one_line_error(fervit("evaluate", str(checkpoint.parent)), "config.json' is damaged")

@@ -34,7 +34,10 @@ def evaluate_checkpoint(checkpoint: str | list[str], split: str = "test", data_r
     weights = all_weights[0]
     run_dir = weights.parent
     cfg_path = run_dir / "config.json"
-    cfg = RunConfig.from_dict(json.loads(cfg_path.read_text())) if cfg_path.is_file() else RunConfig()
+    try:
+        cfg = RunConfig.from_dict(json.loads(cfg_path.read_text())) if cfg_path.is_file() else RunConfig()
+    except json.JSONDecodeError as e:
+        raise FervitError(f"'{cfg_path}' is damaged ({e}); it says which data and protocol the run used") from None
     if data_root:
         cfg.data.root = data_root
     if protocol:
