@@ -63,6 +63,8 @@ class ModelConfig:
     stem_channels: tuple[int, ...] = (32, 64)  # vit_cnn: one stage per entry, each halves H and W
     stem_convs: int = 1  # vit_cnn: 3x3 conv+BN+ReLU layers per stage before its max-pool
     pretrained: str = ""  # local weights file (safetensors) loaded before training
+    backbone: str = ""  # timm only: the timm model name, e.g. resnet18, convnext_atto, vit_tiny_patch16_224
+    input_size: int = 0  # timm only: faces are resized to this square size inside the model; 0 keeps img_size
 
 
 @dataclass

@@ -15,9 +15,14 @@ METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc"
 
 
 def make_run_dir(output: str | Path, cfg: RunConfig) -> Path:
-    """runs/<YYYYmmdd_HHMMSS>_<model>_ed<dim>_d<depth>_h<heads>_lr<lr>/, made unique with a suffix."""
+    """runs/<YYYYmmdd_HHMMSS>_<model>_ed<dim>_d<depth>_h<heads>_lr<lr>/ (a timm backbone: _timm_<backbone>_in<size>_lr<lr>/),
+    made unique with a suffix."""
     m = cfg.model
-    base = f"{time.strftime('%Y%m%d_%H%M%S')}_{m.name}_ed{m.embed_dim}_d{m.depth}_h{m.num_heads}_lr{cfg.optim.lr:g}"
+    if m.name == "timm":
+        shape = f"{m.backbone.replace('/', '-')}_in{m.input_size or m.img_size}"
+    else:
+        shape = f"ed{m.embed_dim}_d{m.depth}_h{m.num_heads}"
+    base = f"{time.strftime('%Y%m%d_%H%M%S')}_{m.name}_{shape}_lr{cfg.optim.lr:g}"
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     for n in range(1, 1000):

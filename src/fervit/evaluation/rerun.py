@@ -15,7 +15,7 @@ from fervit.errors import FervitError
 from fervit.evaluation.evaluate import evaluate, predict_logits, split_report
 from fervit.evaluation.plots import curves_png
 from fervit.io import write_json
-from fervit.models import count_parameters
+from fervit.models import count_parameters, model_label
 from fervit.runs import read_metrics_csv
 from fervit.training.checkpoint import find_checkpoint, load_model
 from fervit.training.trainer import resolve_amp, resolve_device
@@ -75,7 +75,7 @@ def evaluate_checkpoint(checkpoint: str | list[str], split: str = "test", data_r
             results = json.loads(results_path.read_text())
         except json.JSONDecodeError:
             results = {}
-    results.update({"model": meta["model"]["name"], "params": sum(count_parameters(m) for m, _ in models),
+    results.update({"model": model_label(meta["model"]["name"], meta["model"].get("backbone", "")), "params": sum(count_parameters(m) for m, _ in models),
                     "protocol": cfg.data.protocol, "data_root": str(cfg.data.root),
                     "split_sizes": splits.sizes(), "classes": meta["classes"], "checkpoint": str(weights) if len(models) == 1 else [str(w) for w in all_weights]})
     results[split] = {**report, "tta": tta}

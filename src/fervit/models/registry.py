@@ -37,5 +37,10 @@ def create_model(name: str, **overrides) -> nn.Module:
     return build_model(dataclasses.replace(ModelConfig(name=name), **overrides))
 
 
+def model_label(name: str, backbone: str = "") -> str:
+    """How results name a model: the family, or `timm:<backbone>` for a timm backbone."""
+    return f"timm:{backbone}" if name == "timm" and backbone else name
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -26,7 +26,7 @@ from fervit.evaluation.evaluate import autocast, evaluate, split_report
 from fervit.evaluation.metrics import confusion_matrix
 from fervit.evaluation.plots import curves_png
 from fervit.io import write_json
-from fervit.models import build_model, count_parameters
+from fervit.models import build_model, count_parameters, model_label
 from fervit.runs import make_run_dir, write_metrics_csv
 from fervit.training.checkpoint import WEIGHTS_NAME, load_model, save_model, unwrap
 from fervit.training.distributed import (DistContext, all_reduce_sum, any_rank, barrier, broadcast_value, close,
@@ -195,6 +195,11 @@ def load_pretrained(model: nn.Module, path: str, log=print) -> None:
     p = Path(path).expanduser()
     if not p.is_file():
         raise FervitError(f"model.pretrained '{p}' does not exist; give a local .safetensors file")
+    if p.suffix != ".safetensors":
+        raise FervitError(f"model.pretrained '{p}' is not a .safetensors file; fervit never loads pickled weights")
+    if hasattr(model, "load_pretrained"):  # e.g. a timm backbone: its own loader adapts stem, head and positions
+        model.load_pretrained(p, log)
+        return
     try:
         state = load_file(p)
     except Exception as e:
@@ -435,7 +440,7 @@ def finish_run(run_dir: Path, cfg: RunConfig, data: FerData, splits: Splits, row
     test = evaluate(model, images, labels, splits.test.to(device), cfg.train.eval_batch_size, amp_dtype,
                     cfg.train.tta)
     results = {
-        "model": cfg.model.name,
+        "model": model_label(cfg.model.name, cfg.model.backbone),
         "params": n_params,
         "protocol": cfg.data.protocol,
         "data_root": str(cfg.data.root),
