@@ -106,4 +106,4 @@ def test_incomplete_model_description_is_named(checkpoint):
 
 def test_cli_evaluate_with_a_damaged_run_config(checkpoint):
     (checkpoint.parent / "config.json").write_text("{not json")
-    assert_one_line_error(fervit("evaluate", str(checkpoint.parent)), "config.json' is damaged")
+    assert_one_line_error(fervit("evaluate", str(checkpoint.parent)), "config.json is damaged")

@@ -209,6 +209,8 @@ def test_annotate_writes_a_copy_with_the_boxes_drawn(cv2, capsys, checkpoint, ph
 def test_default_model_is_the_newest_run(monkeypatch, tmp_path):
     import os
 
+    monkeypatch.setattr("fervit.inference.predictor.shipped_model", lambda: None)  # as in a build without one
+
     older = make_checkpoint(tmp_path / "runs" / "a") / "best_model.safetensors"
     newer = make_checkpoint(tmp_path / "runs" / "b") / "best_model.safetensors"
     os.utime(older, (1e9, 1e9))
@@ -217,6 +219,7 @@ def test_default_model_is_the_newest_run(monkeypatch, tmp_path):
 
 
 def test_no_model_anywhere_is_one_clear_error(capsys, monkeypatch, tmp_path, real_data):
+    monkeypatch.setattr("fervit.inference.predictor.shipped_model", lambda: None)
     monkeypatch.chdir(tmp_path)
     assert main(["predict", str(real_data / "test" / FACES[0][0])]) == 2
     err = capsys.readouterr().err.strip()

@@ -179,3 +179,16 @@ def test_time_budget_caps_the_epochs_after_the_second(real_slice, tmp_path):
     run = train(tiny_cfg(tmp_path, "train.epochs=8", "train.time_budget_s=0.001"), quiet=True, data=real_slice)
     res = json.loads((run / "results.json").read_text())
     assert res["epochs_completed"] == 2 and res["epochs_planned"] == 2
+
+
+def test_a_checkpoint_moved_out_of_its_run_folder_is_evaluated_on_its_own_split(finished_run, real_data, tmp_path):
+    """Without config.json beside it (the shipped model, a copied file), the split comes from the JSON description:
+    this run used the fer2013 protocol, so its test split is PrivateTest, not the seed protocol's test/ folder."""
+    import shutil
+
+    for name in ("best_model.safetensors", "best_model.json"):
+        shutil.copy(finished_run / name, tmp_path / name)
+    assert json.loads((tmp_path / "best_model.json").read_text())["split"]["protocol"] == "fer2013"
+    summary = evaluate_checkpoint(str(tmp_path / "best_model.safetensors"), data_root=str(real_data), device="cpu")
+    assert "fer2013/test (3589 images)" in summary, summary
+    assert json.loads((tmp_path / "results.json").read_text())["test"]["num_samples"] == 3589

@@ -9,9 +9,25 @@ import time
 from pathlib import Path
 
 from fervit.config import RunConfig
+from fervit.errors import FervitError
 from fervit.io import atomic_write
 
 METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")
+
+
+def read_run_config(run_dir: str | Path, action: str) -> RunConfig | None:
+    """A run folder's config.json as a RunConfig; None when the folder has none; a one-line error naming
+    `action` (e.g. "resume", "evaluate") when it is damaged or not a fervit config."""
+    path = Path(run_dir).expanduser() / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        return RunConfig.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FervitError(f"cannot {action} '{path.parent}': its config.json is damaged ({e}); it says which "
+                          "data, protocol and model the run used") from None
+    except FervitError as e:
+        raise FervitError(f"cannot {action} '{path.parent}': its config.json does not fit this fervit ({e})") from None
 
 
 def make_run_dir(output: str | Path, cfg: RunConfig) -> Path:

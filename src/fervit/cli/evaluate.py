@@ -10,13 +10,15 @@ from fervit.errors import FervitError
 
 def add_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="re-evaluate a saved model, regenerate its figures and results")
-    p.add_argument("checkpoint", nargs="+", help="run folder or .safetensors checkpoint; several make an ensemble")
+    p.add_argument("checkpoint", nargs="*", help="run folder or .safetensors checkpoint; several make an ensemble "
+                   "(default: the shipped model, else the newest run under ./runs)")
     p.add_argument("--split", choices=["val", "test"], default="test")
     add_data_args(p)
     p.add_argument("--protocol", choices=["seed", "fer2013"])
     p.add_argument("--device", default="auto")
     p.add_argument("--tta", action="store_true", help="average the prediction with the mirrored face's")
-    p.add_argument("--output", help="where to write results (default: the run folder)")
+    p.add_argument("--output", help="where to write results (default: the run folder; for the shipped model "
+                   "runs/shipped_model)")
     p.set_defaults(func=run_evaluate)
 
     p = sub.add_parser("runs", help="table of all runs under a folder")
@@ -26,10 +28,17 @@ def add_parser(sub) -> None:
 
 def run_evaluate(args) -> int:
     from fervit.evaluation.rerun import evaluate_checkpoint
+    from fervit.inference.predictor import default_model, shipped_model
 
-    print(evaluate_checkpoint(args.checkpoint, split=args.split, data_root=args.data, protocol=args.protocol,
+    checkpoints, output = args.checkpoint, args.output
+    if not checkpoints:
+        checkpoints = [str(default_model())]
+        if shipped_model() is not None and Path(checkpoints[0]) == shipped_model():
+            output = output or "runs/shipped_model"  # never into the installed package
+        print(f"evaluating {checkpoints[0]}")
+    print(evaluate_checkpoint(checkpoints, split=args.split, data_root=args.data, protocol=args.protocol,
                               device=args.device, tta=args.tta, cache_dir=args.cache_dir, strict=args.strict,
-                              output=args.output))
+                              output=output))
     return 0
 
 

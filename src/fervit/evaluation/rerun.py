@@ -16,9 +16,24 @@ from fervit.evaluation.evaluate import evaluate, predict_logits, split_report
 from fervit.evaluation.plots import curves_png
 from fervit.io import write_json
 from fervit.models import count_parameters, model_label
-from fervit.runs import read_metrics_csv
+from fervit.runs import read_metrics_csv, read_run_config
 from fervit.training.checkpoint import find_checkpoint, load_model
 from fervit.training.trainer import resolve_amp, resolve_device
+
+
+def split_config_from_meta(weights: Path) -> RunConfig:
+    """For a checkpoint away from its run folder (e.g. the shipped model): the data split recorded in its JSON
+    description, so it is still evaluated on the images it was not trained on."""
+    cfg = RunConfig()
+    try:
+        meta = json.loads(weights.with_suffix(".json").read_text())
+        split = meta.get("split") or {"protocol": meta["protocol"]}
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        return cfg  # load_model reports a missing or damaged description in its own words
+    for key in ("protocol", "val_fraction", "split_seed", "drop_eval_duplicates"):
+        if key in split:
+            setattr(cfg.data, key, split[key])
+    return cfg
 
 
 def evaluate_checkpoint(checkpoint: str | list[str], split: str = "test", data_root: str | None = None,
@@ -33,11 +48,7 @@ def evaluate_checkpoint(checkpoint: str | list[str], split: str = "test", data_r
     all_weights = [find_checkpoint(c) for c in checkpoints]
     weights = all_weights[0]
     run_dir = weights.parent
-    cfg_path = run_dir / "config.json"
-    try:
-        cfg = RunConfig.from_dict(json.loads(cfg_path.read_text())) if cfg_path.is_file() else RunConfig()
-    except json.JSONDecodeError as e:
-        raise FervitError(f"'{cfg_path}' is damaged ({e}); it says which data and protocol the run used") from None
+    cfg = read_run_config(run_dir, "evaluate") or split_config_from_meta(weights)
     if data_root:
         cfg.data.root = data_root
     if protocol:

@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save
 from fervit.config import RunConfig
 from fervit.errors import FervitError
 from fervit.io import atomic_write, write_json
+from fervit.runs import read_run_config
 from fervit.training.checkpoint import WEIGHTS_NAME, unwrap
 from fervit.training.distributed import DistContext, gather_tensors
 
@@ -144,16 +145,13 @@ def data_fingerprint(labels: torch.Tensor, splits) -> str:
 def load_run_config(run_dir: str | Path) -> RunConfig:
     """The config.json of a run folder, or a one-line error saying why this is not a run folder."""
     run_dir = Path(run_dir).expanduser()
-    path = run_dir / "config.json"
     if not run_dir.is_dir():
         raise FervitError(f"cannot resume '{run_dir}': no such folder; give a run folder written by `fervit train`")
-    if not path.is_file():
+    cfg = read_run_config(run_dir, "resume")
+    if cfg is None:
         raise FervitError(f"cannot resume '{run_dir}': it has no config.json, so it is not a run folder written "
                           "by `fervit train`")
-    try:
-        return RunConfig.from_dict(json.loads(path.read_text()))
-    except json.JSONDecodeError as e:
-        raise FervitError(f"cannot resume '{run_dir}': its config.json is damaged ({e})") from None
+    return cfg
 
 
 def rng_tensors(gen: torch.Generator, ctx: DistContext) -> dict[str, torch.Tensor]:

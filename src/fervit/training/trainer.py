@@ -188,6 +188,14 @@ def maybe_compile(model: nn.Module, mode: str, device: torch.device, example: to
         model.load_state_dict(snapshot)
 
 
+def split_settings(cfg: RunConfig) -> dict:
+    """What rebuilds this run's train/val/test split; kept in the checkpoint's JSON so that a checkpoint
+    moved out of its run folder is still evaluated on images it never trained on."""
+    d = cfg.data
+    return {"protocol": d.protocol, "val_fraction": d.val_fraction, "split_seed": d.split_seed,
+            "drop_eval_duplicates": d.drop_eval_duplicates}
+
+
 def load_pretrained(model: nn.Module, path: str, log=print) -> None:
     """Load matching weights from a local .safetensors file (a fervit checkpoint or a bare state dict)."""
     from safetensors.torch import load_file
@@ -358,7 +366,8 @@ def _train(cfg: RunConfig, quiet: bool, data: FerData | None, run_dir, resume: b
                 best_acc, best_epoch, stale = val["acc"], epoch, 0
                 if ctx.is_main:
                     save_model(eval_model, cfg.model, run_dir / WEIGHTS_NAME,
-                               extra={"epoch": epoch, "val_acc": val["acc"], "protocol": cfg.data.protocol})
+                               extra={"epoch": epoch, "val_acc": val["acc"], "protocol": cfg.data.protocol,
+                                      "split": split_settings(cfg)})
             else:
                 stale += 1
             if ctx.is_main:
