@@ -144,3 +144,8 @@ def test_fine_tune_from_the_cli_then_predict_and_export_from_the_run(timm, tiny_
                            "--check-images", "64"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (run / "best_model.onnx").stat().st_size > 1_000_000
+
+
+def test_timm_only_keys_on_another_model_are_an_error_not_ignored():
+    with pytest.raises(FervitError, match="apply to model.name=timm only, not to vit_cnn"):
+        create_model("vit_cnn", input_size=96)

@@ -27,6 +27,8 @@ def model_names() -> list[str]:
 def build_model(cfg: ModelConfig) -> nn.Module:
     if cfg.name not in _MODELS:
         raise FervitError(f"unknown model '{cfg.name}'; choose one of {', '.join(model_names())}")
+    if cfg.name != "timm" and (cfg.backbone or cfg.input_size):
+        raise FervitError(f"model.backbone and model.input_size apply to model.name=timm only, not to {cfg.name}")
     try:
         return _MODELS[cfg.name](cfg)
     except ValueError as e:
