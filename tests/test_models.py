@@ -71,3 +71,23 @@ def test_bad_model_configs_are_one_line_errors():
         create_model("vit_cnn", embed_dim=100, num_heads=6)
     with pytest.raises(FervitError, match="not divisible by patch_size"):
         create_model("vit_patch", patch_size=5)
+    with pytest.raises(FervitError, match="model.pool must be cls or mean"):
+        create_model("vit_cnn", pool="max")
+
+
+def test_mean_pooling_reads_every_token_and_cls_pooling_reads_only_cls():
+    """pool=mean: the head sees the average of the patch tokens, so the [CLS] slot no longer matters to it."""
+    torch.manual_seed(0)
+    cls_model = create_model("vit_patch", depth=1, dropout=0.0).eval()
+    mean_model = create_model("vit_patch", depth=1, dropout=0.0, pool="mean").eval()
+    mean_model.load_state_dict(cls_model.state_dict())  # same parameters: only the readout differs
+    x = torch.randn(2, 1, 48, 48)
+    enc = mean_model.encoder
+    with torch.no_grad():
+        tokens = mean_model.patch_embed(x).flatten(2).transpose(1, 2)
+        h = torch.cat([enc.cls_token.expand(2, -1, -1), tokens], 1) + enc.pos_embed
+        for block in enc.blocks:
+            h = block(h)
+        expected = enc.head(enc.norm(h[:, 1:]).mean(1))
+        torch.testing.assert_close(mean_model(x), expected)
+        assert not torch.allclose(mean_model(x), cls_model(x))

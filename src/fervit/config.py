@@ -60,6 +60,7 @@ class ModelConfig:
     attn_dropout: float = 0.0
     drop_path: float = 0.0
     head_hidden: int = 192  # 0: a single linear head
+    pool: str = "cls"  # what the head reads: cls (the [CLS] token) | mean (the average of the other tokens)
     stem_channels: tuple[int, ...] = (32, 64)  # vit_cnn: one stage per entry, each halves H and W
     stem_convs: int = 1  # vit_cnn: 3x3 conv+BN+ReLU layers per stage before its max-pool
     pretrained: str = ""  # local weights file (safetensors) loaded before training

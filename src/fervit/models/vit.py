@@ -1,6 +1,7 @@
 """The two model families: a patch ViT and the CNN-stem + ViT hybrid.
 
-Both share `Encoder`: [CLS] + learnable positions -> pre-norm blocks -> norm -> MLP head on [CLS].
+Both share `Encoder`: [CLS] + learnable positions -> pre-norm blocks -> norm -> MLP head on [CLS]
+(or on the mean of the other tokens: `model.pool=mean`).
 """
 
 from __future__ import annotations
@@ -14,10 +15,14 @@ from fervit.models.registry import register_model
 
 
 class Encoder(nn.Module):
-    """Token sequence (B, T, C) -> class logits (B, num_classes), read off the [CLS] token."""
+    """Token sequence (B, T, C) -> class logits (B, num_classes), read off the [CLS] token (or, with
+    `pool=mean`, the average of the other tokens)."""
 
     def __init__(self, cfg: ModelConfig, num_tokens: int):
         super().__init__()
+        if cfg.pool not in ("cls", "mean"):
+            raise ValueError(f"model.pool must be cls or mean, not {cfg.pool!r}")
+        self.pool = cfg.pool
         dim = cfg.embed_dim
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens + 1, dim))
@@ -40,6 +45,8 @@ class Encoder(nn.Module):
         x = self.pos_drop(x + self.pos_embed)
         for block in self.blocks:
             x = block(x)
+        if self.pool == "mean":
+            return self.head(self.norm(x[:, 1:]).mean(dim=1))
         return self.head(self.norm(x[:, 0]))
 
 
