@@ -1,0 +1,68 @@
+"""The model that ships inside the package (src/fervit/assets/, built by scripts/ship_model.py).
+
+Its full accuracy is a benchmark number (MODEL_CARD.md, RESULTS.md); here it must load, be small, be the
+default for predict and evaluate, and classify real held-out faces far above chance (1/7).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from fervit.data.augment import normalize
+from fervit.data.dataset import load_fer
+from fervit.inference.predictor import shipped_model
+from fervit.training.checkpoint import load_model
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    path = shipped_model()
+    assert path is not None, "src/fervit/assets/model.safetensors is missing; build it with scripts/ship_model.py"
+    return path
+
+
+def test_it_is_small_fp16_and_described(shipped):
+    assert shipped.stat().st_size <= 10 * 1024 * 1024
+    with safe_open(str(shipped), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys() if f.get_tensor(k).is_floating_point()} == {torch.float16}
+    meta = json.loads(shipped.with_suffix(".json").read_text())
+    assert meta["model"]["name"] == "vit_cnn" and meta["split"]["protocol"] == "fer2013"
+    card = (shipped.parent / "MODEL_CARD.md").read_text()
+    assert f"**{100 * meta['metrics']['test_accuracy']:.1f}%**" in card  # the card reports the file's own numbers
+    assert (shipped.parent / "confusion_matrix.png").stat().st_size > 10_000
+
+
+def test_it_classifies_real_private_test_faces_far_above_chance(shipped, real_data):
+    data = load_fer(real_data, progress=False)
+    picks = []
+    for c in range(7):  # 20 PrivateTest faces of every class: chance is 1/7 whatever the model favours
+        picks += torch.nonzero((data.usage == 3) & (data.labels == c)).flatten()[:20].tolist()
+    model, _ = load_model(shipped)
+    idx = torch.tensor(picks)
+    with torch.no_grad():
+        preds = model(normalize(data.images[idx])).argmax(1)
+    accuracy = (preds == data.labels[idx]).float().mean().item()
+    assert accuracy >= 2 / 7, f"{accuracy:.1%} on 140 class-balanced PrivateTest faces"
+    assert len(set(preds.tolist())) >= 4  # not one or two classes for everything
+
+
+def test_predict_and_evaluate_use_it_without_a_model_argument(shipped, real_data, tmp_path):
+    meta = json.loads(shipped.with_suffix(".json").read_text())
+    face = next((real_data / "test" / "happy").iterdir())
+    done = subprocess.run([sys.executable, "-m", "fervit", "predict", str(face), "--json", "--no-detect"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)
+    done = subprocess.run([sys.executable, "-m", "fervit", "evaluate", "--data", str(real_data)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((tmp_path / "runs" / "shipped_model" / "results.json").read_text())
+    assert results["test"]["num_samples"] == 3589  # PrivateTest, from the split recorded in model.json
+    assert results["test"]["accuracy"] == pytest.approx(meta["metrics"]["test_accuracy"], abs=1e-6)
+    assert not (shipped.parent / "results.json").exists()  # nothing written into the package
