@@ -22,6 +22,7 @@ import torch
 
 from fervit.config import RunConfig, resolve_data_root
 from fervit.errors import FervitError
+from fervit.io import write_json
 from fervit.evaluation.rerun import evaluate_checkpoint
 from fervit.models import count_parameters, model_label
 from fervit.runs import read_metrics_csv, read_run_config
@@ -36,7 +37,7 @@ def pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def card(run: Path, cfg, meta: dict, results: dict, val: dict, test: dict, rows: list[dict], size: int) -> str:
+def card(run: Path, cfg, results: dict, val: dict, test: dict, rows: list[dict], size: int) -> str:
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
     n_params = results.get("params")
     sizes = results.get("split_sizes", {})
@@ -128,7 +129,8 @@ def main(argv=None) -> int:
         weights = args.dest / "model.safetensors"
         keep = {k: meta[k] for k in ("epoch", "val_acc") if k in meta}
         keep.update(protocol=cfg.data.protocol, split=split_settings(cfg))
-        save_model(model, RunConfig.from_dict({"model": meta["model"]}).model, weights, extra={**keep, "source_run": args.run.name, "dtype": "float16"}, dtype=torch.float16)
+        save_model(model, RunConfig.from_dict({"model": meta["model"]}).model, weights,
+                   extra={**keep, "source_run": args.run.name, "dtype": "float16"}, dtype=torch.float16)
         size = weights.stat().st_size
         if size > MAX_BYTES:
             weights.unlink()
@@ -144,10 +146,10 @@ def main(argv=None) -> int:
         shipped_meta = json.loads(meta_path.read_text())
         shipped_meta["metrics"] = {"val_accuracy": val["accuracy"], "test_accuracy": test["accuracy"],
                                    "test_macro_f1": test["macro_avg"]["f1"], "params": count_parameters(model)}
-        meta_path.write_text(json.dumps(shipped_meta, indent=2) + "\n")
+        write_json(meta_path, shipped_meta)
         shutil.copyfile(args.run / "config.json", args.dest / "train_config.json")
         rows = read_metrics_csv(args.run / "training_metrics.csv")
-        (args.dest / "MODEL_CARD.md").write_text(card(args.run, cfg, meta, results, val, test, rows, size))
+        (args.dest / "MODEL_CARD.md").write_text(card(args.run, cfg, results, val, test, rows, size))
     except FervitError as e:
         print(f"ship_model: error: {e}", file=sys.stderr)
         return 2

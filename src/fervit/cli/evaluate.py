@@ -33,7 +33,7 @@ def run_evaluate(args) -> int:
     checkpoints, output = args.checkpoint, args.output
     if not checkpoints:
         checkpoints = [str(default_model())]
-        if shipped_model() is not None and Path(checkpoints[0]) == shipped_model():
+        if Path(checkpoints[0]) == shipped_model():
             output = output or "runs/shipped_model"  # never into the installed package
         print(f"evaluating {checkpoints[0]}")
     print(evaluate_checkpoint(checkpoints, split=args.split, data_root=args.data, protocol=args.protocol,

@@ -6,8 +6,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
-
 from fervit.config import RunConfig, resolve_data_root
 from fervit.data.dataset import load_fer
 from fervit.data.splits import make_splits
@@ -24,16 +22,11 @@ from fervit.training.trainer import resolve_amp, resolve_device
 def split_config_from_meta(weights: Path) -> RunConfig:
     """For a checkpoint away from its run folder (e.g. the shipped model): the data split recorded in its JSON
     description, so it is still evaluated on the images it was not trained on."""
-    cfg = RunConfig()
     try:
         meta = json.loads(weights.with_suffix(".json").read_text())
-        split = meta.get("split") or {"protocol": meta["protocol"]}
-    except (OSError, ValueError, KeyError, AttributeError, TypeError):
-        return cfg  # load_model reports a missing or damaged description in its own words
-    for key in ("protocol", "val_fraction", "split_seed", "drop_eval_duplicates"):
-        if key in split:
-            setattr(cfg.data, key, split[key])
-    return cfg
+        return RunConfig.from_dict({"data": meta.get("split") or {"protocol": meta["protocol"]}})
+    except (OSError, ValueError, KeyError, AttributeError, TypeError, FervitError):
+        return RunConfig()  # load_model reports a missing or damaged description in its own words
 
 
 def evaluate_checkpoint(checkpoint: str | list[str], split: str = "test", data_root: str | None = None,
@@ -86,7 +79,8 @@ def evaluate_checkpoint(checkpoint: str | list[str], split: str = "test", data_r
             results = json.loads(results_path.read_text())
         except json.JSONDecodeError:
             results = {}
-    results.update({"model": model_label(meta["model"]["name"], meta["model"].get("backbone", "")), "params": sum(count_parameters(m) for m, _ in models),
+    results.update({"model": model_label(meta["model"]["name"], meta["model"].get("backbone", "")),
+                    "params": sum(count_parameters(m) for m, _ in models),
                     "protocol": cfg.data.protocol, "data_root": str(cfg.data.root),
                     "split_sizes": splits.sizes(), "classes": meta["classes"], "checkpoint": str(weights) if len(models) == 1 else [str(w) for w in all_weights]})
     results[split] = {**report, "tta": tta}
