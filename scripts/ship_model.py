@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Package a finished run as the model fervit ships (src/fervit/assets/): fp16 weights, JSON, card, figure.
 
-    python scripts/ship_model.py RUN_DIR [--dest src/fervit/assets] [--data ROOT]
+    python scripts/ship_model.py RUN_DIR [--dest src/fervit/assets] [--data ROOT] [--provenance TEXT]
 
 The shipped weights are fp16 (at most 10 MB). They are evaluated again *as shipped* (fp16 rounded, loaded
 back through `load_model`) on the run's own validation and test splits, and those numbers go into the
@@ -37,7 +37,8 @@ def pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def card(run: Path, cfg, results: dict, val: dict, test: dict, rows: list[dict], size: int) -> str:
+def card(run: Path, cfg, results: dict, val: dict, test: dict, rows: list[dict], size: int,
+         provenance: str = "") -> str:
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
     n_params = results.get("params")
     sizes = results.get("split_sizes", {})
@@ -58,7 +59,12 @@ def card(run: Path, cfg, results: dict, val: dict, test: dict, rows: list[dict],
                  "targets (73.5% single model on PrivateTest; see RESULTS.md) and is shipped so that prediction "
                  "and serving work out of the box until a GPU-trained `vit_cnn` replaces it.")
     else:
-        intro = f"Trained on {device} in {minutes:.0f} minutes ({shape})."
+        intro = f"Trained on a GPU ({device}) in {minutes:.0f} minutes ({shape})."
+    if provenance:
+        intro += f" {provenance}"
+    dropped = " after dropping those that duplicate a validation or test image" if d.drop_eval_duplicates else ""
+    weakest = sorted(test["per_class"].items(), key=lambda kv: kv[1]["recall"])[:2]
+    weak = " and ".join(f'"{name}" ({pct(v["recall"])} recall)' for name, v in weakest)
     return f"""# fervit shipped model: {model_label(m.name, m.backbone)}, {n_params:,} parameters
 
 The model `fervit predict`, `fervit serve` and `fervit evaluate` use when given no `--model`. Built by
@@ -68,8 +74,7 @@ The model `fervit predict`, `fervit serve` and `fervit evaluate` use when given 
 
 ## Data and protocol
 - FER-2013, Kaggle "emotion-detection-fer" folder layout; 48x48 grayscale faces, 7 classes.
-- Protocol `{d.protocol}`: trained on Training ({sizes.get('train', '?'):,} images after dropping
-  {'training images that duplicate a validation or test image' if d.drop_eval_duplicates else 'nothing'}),
+- Protocol `{d.protocol}`: trained on Training ({sizes.get('train', '?'):,} images{dropped}),
   epoch chosen on PublicTest ({sizes.get('val', '?'):,}), reported once on PrivateTest ({sizes.get('test', '?'):,}).
   The test split was never used for any choice.
 
@@ -98,10 +103,11 @@ Per class on PrivateTest:
 
 ## Known limits
 - Accuracy: about {pct(test['accuracy'])} on PrivateTest, where published single CNNs reach about 73% and
-  humans about 65%. Weakest classes above (recall): expect "disgusted" and "fearful" to be mostly missed.
+  humans about 65%. Weakest classes: {weak}; expect most of their faces to be missed or confused.
 - FER-2013 itself: web images found by keyword search, labels with known noise (57 duplicate groups in
   this copy carry conflicting labels), mostly frontal faces, and an unknown demographic balance. The model
-  has not been checked for performance differences across age, gender or skin tone.
+  has not been checked for performance differences across age, gender, ethnicity or skin tone, nor
+  across face pose (yaw, pitch) or lighting.
 - Input: one face, cropped and aligned roughly as in FER-2013. `fervit predict` crops faces with OpenCV's
   detector when the `detect` extra is installed; other crops, profiles, occlusions and non-photographic
   faces are out of distribution.
@@ -114,6 +120,8 @@ def main(argv=None) -> int:
     ap.add_argument("run", type=Path, help="a finished run folder written by `fervit train`")
     ap.add_argument("--dest", type=Path, default=REPO / "src" / "fervit" / "assets")
     ap.add_argument("--data", help="dataset root for the re-evaluation (default: as fervit resolves it)")
+    ap.add_argument("--provenance", default="", help="where and how the run was trained, for the card "
+                    "(e.g. the machine, and whether it shared the GPU with other jobs)")
     args = ap.parse_args(argv)
     try:
         cfg = read_run_config(args.run, "ship")
@@ -149,7 +157,8 @@ def main(argv=None) -> int:
         write_json(meta_path, shipped_meta)
         shutil.copyfile(args.run / "config.json", args.dest / "train_config.json")
         rows = read_metrics_csv(args.run / "training_metrics.csv")
-        (args.dest / "MODEL_CARD.md").write_text(card(args.run, cfg, results, val, test, rows, size))
+        (args.dest / "MODEL_CARD.md").write_text(card(args.run, cfg, results, val, test, rows, size,
+                                                             args.provenance))
     except FervitError as e:
         print(f"ship_model: error: {e}", file=sys.stderr)
         return 2

@@ -41,15 +41,16 @@ def test_it_is_small_fp16_and_described(shipped):
 def test_it_classifies_real_private_test_faces_far_above_chance(shipped, real_data):
     data = load_fer(real_data, progress=False)
     picks = []
-    for c in range(7):  # 20 PrivateTest faces of every class: chance is 1/7 whatever the model favours
-        picks += torch.nonzero((data.usage == 3) & (data.labels == c)).flatten()[:20].tolist()
+    for c in range(7):  # up to 60 PrivateTest faces of every class (disgusted has 55): chance is 1/7
+        picks += torch.nonzero((data.usage == 3) & (data.labels == c)).flatten()[:60].tolist()
     model, _ = load_model(shipped)
     idx = torch.tensor(picks)
     with torch.no_grad():
         preds = model(normalize(data.images[idx])).argmax(1)
     accuracy = (preds == data.labels[idx]).float().mean().item()
-    assert accuracy >= 2 / 7, f"{accuracy:.1%} on 140 class-balanced PrivateTest faces"
-    assert len(set(preds.tolist())) >= 4  # not one or two classes for everything
+    # the H200-trained model scores 56.4% on these 415 faces; the CPU-trained interim one it replaced, 46.3%
+    assert accuracy >= 0.52, f"{accuracy:.1%} on {len(idx)} class-balanced PrivateTest faces"
+    assert len(set(preds.tolist())) == 7  # every class is predicted, "disgusted" included
 
 
 def test_predict_and_evaluate_use_it_without_a_model_argument(shipped, real_data, tmp_path):
