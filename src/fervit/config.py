@@ -63,6 +63,9 @@ class ModelConfig:
     pool: str = "cls"  # what the head reads: cls (the [CLS] token) | mean (the average of the other tokens)
     stem_channels: tuple[int, ...] = (32, 64)  # vit_cnn: one stage per entry, each halves H and W
     stem_convs: int = 1  # vit_cnn: 3x3 conv+BN+ReLU layers per stage before its max-pool
+    stem_blocks: int = 2  # vit_resnet: residual blocks per stage (stages after the first halve H and W)
+    crop_size: int = 0  # >0: the model works on crop_size crops; training draws random crops, evaluation and
+    #                     inference take the centre of the img_size face (ten-crop TTA: corners + centre, mirrored)
     pretrained: str = ""  # local weights file (safetensors) loaded before training
     backbone: str = ""  # timm only: the timm model name, e.g. resnet18, convnext_atto, vit_tiny_patch16_224
     input_size: int = 0  # timm only: faces are resized to this square size inside the model; 0 keeps img_size
@@ -93,7 +96,7 @@ class TrainConfig:
     amp: str = "auto"  # auto (bf16 on cuda) | bf16 | off
     early_stop_patience: int = 0  # epochs without a better val accuracy; 0 disables
     time_budget_s: float = 0.0  # >0: after epoch 2, cap epochs to fit this wall time; the cosine re-plans
-    tta: bool = False  # evaluate on the image and its mirror, averaging probabilities
+    tta: str = "none"  # final evaluation: none | mirror (face + mirror) | ten_crop (needs model.crop_size)
     output: str = "runs"
     threads: int = 0  # CPU threads for torch; 0: torch's default
 

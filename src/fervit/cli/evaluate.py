@@ -16,7 +16,9 @@ def add_parser(sub) -> None:
     add_data_args(p)
     p.add_argument("--protocol", choices=["seed", "fer2013"])
     p.add_argument("--device", default="auto")
-    p.add_argument("--tta", action="store_true", help="average the prediction with the mirrored face's")
+    p.add_argument("--tta", nargs="?", const="mirror", default="none", choices=["none", "mirror", "ten_crop"],
+                   help="test-time augmentation: --tta (mirror) averages the face and its mirror; --tta ten_crop "
+                        "the four corner and centre crops and their mirrors (models trained with model.crop_size)")
     p.add_argument("--output", help="where to write results (default: the run folder; for the shipped model "
                    "runs/shipped_model)")
     p.set_defaults(func=run_evaluate)

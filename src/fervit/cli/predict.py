@@ -27,6 +27,9 @@ def add_parser(sub) -> None:
                      help="search for faces even in small images (default: images up to 128 px are face crops)")
     p.add_argument("--annotate", metavar="DIR", help="write copies with boxes and labels drawn into DIR")
     p.add_argument("--batch-size", type=int, default=16, help="images decoded and classified together")
+    p.add_argument("--tta", nargs="?", const="mirror", default="none", choices=["none", "mirror", "ten_crop"],
+                   help="test-time augmentation: --tta (mirror) averages each face and its mirror; --tta ten_crop "
+                        "the four corner and centre crops and their mirrors (models trained with model.crop_size)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_predict)
 
@@ -38,7 +41,7 @@ def run_predict(args) -> int:
 
     if args.batch_size < 1:
         raise FervitError(f"--batch-size must be at least 1, got {args.batch_size}")
-    predictor = Predictor.load(args.model, args.backend, args.device)
+    predictor = Predictor.load(args.model, args.backend, args.device, tta=args.tta)
     sources = expand_inputs(args.inputs)
     if not sources:
         raise FervitError(f"no files found in {', '.join(args.inputs)}")

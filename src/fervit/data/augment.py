@@ -21,6 +21,41 @@ def normalize(images_u8: torch.Tensor) -> torch.Tensor:
     return (images_u8.unsqueeze(1).float() / 255.0 - MEAN) / STD
 
 
+TTA_MODES = ("none", "mirror", "ten_crop")
+
+
+def tta_mode(value) -> str:
+    """none | mirror | ten_crop from a config or flag value (old configs say true/false for mirror/none)."""
+    text = str(value).strip().lower().replace("-", "_")
+    mode = {"true": "mirror", "false": "none", "": "none", "0": "none", "1": "mirror"}.get(text, text)
+    if mode not in TTA_MODES:
+        raise ValueError(f"test-time augmentation must be one of {', '.join(TTA_MODES)}, got {value!r}")
+    return mode
+
+
+def tta_views(x: torch.Tensor, mode: str, crop_size: int = 0) -> torch.Tensor:
+    """(B, C, S, S) normalised faces -> (V*B, C, S, S): the views whose predictions TTA averages, view-major.
+
+    mirror: the face and its mirror (V=2). ten_crop: the four corner and the centre crop_size windows and their
+    mirrors (V=10), as published FER-2013 CNNs evaluate. Each window is moved to the centre of a full-size
+    view (a shift of at most (S - crop_size) / 2, so the wrapped-around pixels stay outside the window), because a
+    cropping model takes the centre of whatever face it gets: every backend keeps its S x S input.
+    """
+    mode = tta_mode(mode)
+    if mode == "none":
+        return x
+    if mode == "mirror":
+        return torch.cat([x, x.flip(-1)])
+    size = x.shape[-1]
+    if not 0 < crop_size < size:
+        raise ValueError(f"ten-crop TTA needs a model trained on crops smaller than the {size}px face "
+                         f"(model.crop_size); this one takes the whole face: use mirror instead")
+    m = (size - crop_size) // 2
+    shifts = [(0, 0), (m, m), (m, -m), (-m, m), (-m, -m)]  # centre, then windows at the four corners
+    crops = torch.cat([x.roll(s, dims=(-2, -1)) for s in shifts])
+    return torch.cat([crops, crops.flip(-1)])
+
+
 def _uniform(n: int, low: float, high: float, gen: torch.Generator, device) -> torch.Tensor:
     return torch.rand(n, generator=gen, device=device) * (high - low) + low
 
@@ -79,15 +114,40 @@ def erase_mask(cfg: AugmentConfig, n: int, size: int, gen: torch.Generator, devi
     return (rows[:, :, None] & cols[:, None, :] & on[:, None, None]).unsqueeze(1)
 
 
-def augment_batch(images_u8: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
-    """(B, H, W) uint8 on any device -> (B, 1, H, W) float32 normalised, augmented per sample."""
+def random_crop(mat: torch.Tensor, crop: int, size: int, gen: torch.Generator) -> torch.Tensor:
+    """Compose a random crop x crop window (at the input's pixel scale) onto (n, 2, 3) output->input matrices.
+
+    A crop coordinate u in [-1, 1] lies at v = k*u + o in the augmented image (k = crop/size, |o| <= 1 - k),
+    so the composed matrix is [k*L | L@o + t]: still one grid_sample, now of crop x crop pixels. The window
+    starts on a whole pixel (as torchvision's RandomCrop), so without other augmentation it copies pixels exactly.
+    """
+    n, k = mat.shape[0], crop / size
+    start = torch.randint(0, size - crop + 1, (n, 2), generator=gen, device=mat.device).to(mat.dtype)
+    offset = (2 * start - (size - crop)) / size  # the window's centre, in [-1, 1] units (one pixel = 2/size)
+    linear, shift = mat[:, :, :2], mat[:, :, 2]
+    return torch.cat([linear * k, (shift + (linear @ offset.unsqueeze(-1)).squeeze(-1)).unsqueeze(-1)], dim=2)
+
+
+def augment_batch(images_u8: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator,
+                  crop_size: int = 0) -> torch.Tensor:
+    """(B, H, W) uint8 on any device -> (B, 1, H, W) float32 normalised, augmented per sample.
+
+    `crop_size` (0 < crop_size < H): every sample is also a random crop_size x crop_size window, so the
+    result is (B, 1, crop_size, crop_size). With augmentation off the whole face comes back, and a cropping
+    model takes its centre.
+    """
     x = images_u8.unsqueeze(1).float() / 255.0
     if not cfg.enabled:
         return (x - MEAN) / STD
     n, _, size, _ = x.shape
     device = x.device
-    grid = affine_grid(affine_params(cfg, n, gen, device), size, size)
+    mat = affine_params(cfg, n, gen, device)
+    out = size
+    if 0 < crop_size < size:
+        mat, out = random_crop(mat, crop_size, size, gen), crop_size
+    grid = affine_grid(mat, out, out)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    size = out
     b = _uniform(n, 1 - cfg.brightness, 1 + cfg.brightness, gen, device).view(n, 1, 1, 1)
     c = _uniform(n, 1 - cfg.contrast, 1 + cfg.contrast, gen, device).view(n, 1, 1, 1)
     x = x * b

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fervit.data.augment import normalize
+from fervit.data.augment import normalize, tta_mode, tta_views
 from fervit.data.dataset import CLASSES
 from fervit.evaluation.metrics import classification_report, confusion_matrix
 from fervit.evaluation.plots import confusion_matrix_png
@@ -21,19 +21,32 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
+def model_crop_size(model: nn.Module) -> int:
+    """The crop a fervit model works on (`model.crop_size`), or 0 for a model that takes the whole face."""
+    model = getattr(model, "module", model)  # an EMA or DDP wrapper
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    size = getattr(model, "input_size", 0)
+    return size if isinstance(size, int) else 0
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: torch.Tensor, indices: torch.Tensor, batch_size: int = 1024,
-                   amp_dtype: torch.dtype | None = None, tta: bool = False) -> torch.Tensor:
-    """Logits (N, C) float32 for images[indices], no augmentation (mirror-averaged with `tta`)."""
+                   amp_dtype: torch.dtype | None = None, tta: bool | str = False) -> torch.Tensor:
+    """Logits (N, C) float32 for images[indices], no augmentation; with `tta` (mirror or ten_crop, see
+    `tta_views`) the average of the views' log-probabilities."""
     model.eval()
     device = images.device
+    mode = tta_mode(tta)
+    crop = model_crop_size(model)
     out = []
     for start in range(0, len(indices), batch_size):
         x = normalize(images[indices[start:start + batch_size]])
         with autocast(device, amp_dtype):
-            logits = model(x).float()
-            if tta:  # average log-probabilities of the face and its mirror image
-                logits = (F.log_softmax(logits, -1) + F.log_softmax(model(x.flip(-1)).float(), -1)) / 2
+            if mode == "none":
+                logits = model(x).float()
+            else:  # views of one face are batch_size apart; average their log-probabilities
+                views = F.log_softmax(model(tta_views(x, mode, crop)).float(), -1)
+                logits = views.view(-1, *x.shape[:1], views.shape[-1]).mean(0)
         out.append(logits)
     return torch.cat(out) if out else torch.zeros(0, len(CLASSES), device=device)
 

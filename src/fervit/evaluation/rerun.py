@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from fervit.config import RunConfig, resolve_data_root
+from fervit.data.augment import tta_mode
 from fervit.data.dataset import load_fer
 from fervit.data.splits import make_splits
 from fervit.errors import FervitError
@@ -30,7 +31,7 @@ def split_config_from_meta(weights: Path) -> RunConfig:
 
 
 def evaluate_checkpoint(checkpoint: str | list[str], split: str = "test", data_root: str | None = None,
-                        protocol: str | None = None, device: str = "auto", tta: bool = False,
+                        protocol: str | None = None, device: str = "auto", tta: bool | str = "none",
                         cache_dir: str | None = None, strict: bool = False, output: str | None = None) -> str:
     """Evaluate and write results.json (the split's section) plus its confusion matrix; returns a summary.
 
@@ -55,6 +56,10 @@ def evaluate_checkpoint(checkpoint: str | list[str], split: str = "test", data_r
     out_dir.mkdir(parents=True, exist_ok=True)
     if not os.access(out_dir, os.W_OK):
         raise FervitError(f"cannot write results into '{out_dir}'; pass --output DIR")
+    try:
+        tta = tta_mode(tta)
+    except ValueError as e:
+        raise FervitError(str(e)) from None
     dev = resolve_device(device)
     models = [load_model(w, dev) for w in all_weights]
     model, meta = models[0]
@@ -66,10 +71,13 @@ def evaluate_checkpoint(checkpoint: str | list[str], split: str = "test", data_r
         raise FervitError(f"the {cfg.data.protocol} protocol has no {split} images in '{cfg.data.root}'")
     amp = resolve_amp("auto", dev)
     images, labels, idx_dev = data.images.to(dev), data.labels.to(dev), idx.to(dev)
-    if len(models) == 1:
-        res = evaluate(model, images, labels, idx_dev, 1024, amp, tta)
-    else:
-        res = evaluate_ensemble([m for m, _ in models], images, labels, idx_dev, amp, tta)
+    try:
+        if len(models) == 1:
+            res = evaluate(model, images, labels, idx_dev, 1024, amp, tta)
+        else:
+            res = evaluate_ensemble([m for m, _ in models], images, labels, idx_dev, amp, tta)
+    except ValueError as e:  # ten-crop asked of a model that takes the whole face
+        raise FervitError(f"{weights}: {e}") from None
     figure = "confusion_matrix.png" if split == "test" else "confusion_matrix_val.png"
     report = split_report(res, "test" if split == "test" else "validation", out_dir, figure)
     results_path = out_dir / "results.json"
@@ -92,11 +100,11 @@ def evaluate_checkpoint(checkpoint: str | list[str], split: str = "test", data_r
             curves_png(rows, "loss", out_dir / "loss_curve.png", "cross-entropy loss")
             curves_png(rows, "acc", out_dir / "accuracy_curve.png", "accuracy")
     what = meta["model"]["name"] if len(models) == 1 else f"ensemble of {len(models)}"
-    return (f"{what}{' +tta' if tta else ''} on {cfg.data.protocol}/{split} ({len(idx)} images): accuracy "
+    return (f"{what}{'' if tta == 'none' else f' +{tta}'} on {cfg.data.protocol}/{split} ({len(idx)} images): accuracy "
             f"{report['accuracy']:.4f}, macro F1 {report['macro_avg']['f1']:.4f} -> {results_path}")
 
 
-def evaluate_ensemble(models, images, labels, indices, amp_dtype, tta: bool) -> dict:
+def evaluate_ensemble(models, images, labels, indices, amp_dtype, tta: bool | str) -> dict:
     """Average the members' softmax probabilities; the result has evaluate()'s shape."""
     import torch.nn.functional as F
 

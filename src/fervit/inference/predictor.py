@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from fervit.data.augment import normalize
+from fervit.data.augment import normalize, tta_mode, tta_views
 from fervit.data.dataset import IMG_SIZE
 from fervit.errors import FervitError
 from fervit.inference.faces import (MARGIN, MAX_PIXELS, Box, FaceDetector, ImageError, face_crop, is_face_crop,
@@ -152,9 +152,15 @@ class Predictor:
     """
 
     def __init__(self, classifier, meta: dict, source: Path | None = None, margin: float = MARGIN,
-                 max_pixels: int = MAX_PIXELS, detector: FaceDetector | None = None):
+                 max_pixels: int = MAX_PIXELS, detector: FaceDetector | None = None, tta: str = "none"):
         self.classifier, self.meta, self.source = classifier, meta, source
         self.classes = list(meta["classes"])
+        self.crop_size = int(meta["model"].get("crop_size") or 0)
+        try:
+            self.tta = tta_mode(tta)
+            tta_views(torch.zeros(1, 1, IMG_SIZE, IMG_SIZE), self.tta, self.crop_size)  # ten-crop needs a crop model
+        except ValueError as e:
+            raise FervitError(f"{source or 'this model'}: {e}") from None
         self.margin, self.max_pixels = margin, max_pixels
         self._detector = detector
 
@@ -179,9 +185,12 @@ class Predictor:
         """(N, 48, 48) uint8 faces -> (N, C) probabilities, in one forward pass."""
         if len(faces) == 0:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
-        x = normalize(torch.from_numpy(np.ascontiguousarray(faces))).numpy()
-        logits = self.classifier(x).astype(np.float64)
-        p = np.exp(logits - logits.max(axis=1, keepdims=True))
+        x = tta_views(normalize(torch.from_numpy(np.ascontiguousarray(faces))), self.tta, self.crop_size)
+        logits = self.classifier(x.numpy()).astype(np.float64)
+        logp = logits - logits.max(axis=1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
+        logp = logp.reshape(-1, len(faces), logp.shape[1]).mean(axis=0)  # TTA: mean log-probability of the views
+        p = np.exp(logp - logp.max(axis=1, keepdims=True))
         return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
 
     def find_faces(self, im: Image.Image, detect: str = "auto") -> tuple[list[Box], list[np.ndarray], bool]:

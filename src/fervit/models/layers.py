@@ -70,6 +70,19 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
+def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, size, size) from the centre; a no-op when the input already has that size.
+
+    Models trained on random crops (`model.crop_size`) take whole faces at evaluation and inference, so
+    every caller (evaluate, predict, ONNX export, serve) keeps sending 48x48 faces.
+    """
+    h, w = x.shape[-2:]
+    if h == size and w == size:
+        return x
+    top, left = (h - size) // 2, (w - size) // 2
+    return x[..., top:top + size, left:left + size]
+
+
 def init_weights(module: nn.Module) -> None:
     """The one init for every fervit model: truncated normal for linear layers, Kaiming for convs."""
     if isinstance(module, nn.Linear):

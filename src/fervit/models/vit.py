@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from fervit.config import ModelConfig
-from fervit.models.layers import Block, init_weights
+from fervit.models.layers import Block, center_crop, init_weights
 from fervit.models.registry import register_model
 
 
@@ -55,15 +55,16 @@ class VisionTransformerEmotion(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if cfg.img_size % cfg.patch_size:
-            raise ValueError(f"img_size {cfg.img_size} is not divisible by patch_size {cfg.patch_size}")
+        self.input_size = cfg.crop_size or cfg.img_size
+        if self.input_size % cfg.patch_size:
+            raise ValueError(f"input size {self.input_size} is not divisible by patch_size {cfg.patch_size}")
         self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, stride=cfg.patch_size)
-        self.num_tokens = (cfg.img_size // cfg.patch_size) ** 2
+        self.num_tokens = (self.input_size // cfg.patch_size) ** 2
         self.encoder = Encoder(cfg, self.num_tokens)
         self.apply(init_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x)  # (B, C, H/p, W/p)
+        x = self.patch_embed(center_crop(x, self.input_size))  # (B, C, H/p, W/p)
         return self.encoder(x.flatten(2).transpose(1, 2))  # tokens (B, T, C)
 
 
@@ -87,16 +88,17 @@ class VisionTransformerEmotionCNN(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.stem = conv_stem(cfg.in_chans, cfg.stem_channels, cfg.stem_convs)
-        side = cfg.img_size // 2 ** len(cfg.stem_channels)
+        self.input_size = cfg.crop_size or cfg.img_size
+        side = self.input_size // 2 ** len(cfg.stem_channels)
         if side < 1:
-            raise ValueError(f"{len(cfg.stem_channels)} stem stages shrink a {cfg.img_size}px image to nothing")
+            raise ValueError(f"{len(cfg.stem_channels)} stem stages shrink a {self.input_size}px image to nothing")
         self.num_tokens = side * side
         self.proj = nn.Linear(cfg.stem_channels[-1], cfg.embed_dim)
         self.encoder = Encoder(cfg, self.num_tokens)
         self.apply(init_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)  # (B, 64, 12, 12)
+        x = self.stem(center_crop(x, self.input_size))  # (B, 64, 12, 12)
         return self.encoder(self.proj(x.flatten(2).transpose(1, 2)))  # tokens (B, 144, 192)
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fervit.config import RunConfig, resolve_data_root
-from fervit.data.augment import augment_batch, mix_batch
+from fervit.data.augment import augment_batch, mix_batch, tta_mode
 from fervit.data.dataset import CLASSES, FerData, load_fer
 from fervit.data.splits import Splits, make_splits
 from fervit.errors import FervitError
@@ -125,7 +125,7 @@ def train_one_epoch(model, ema, images, labels, train_idx, optimizer, scheduler,
     for step, start in enumerate(range(0, n_used, bs)):
         idx = order[start:start + bs]
         y = labels[idx]
-        x = augment_batch(images[idx], cfg.augment, gen)  # (B, 1, 48, 48) float32
+        x = augment_batch(images[idx], cfg.augment, gen, cfg.model.crop_size)  # (B, 1, S, S) float32
         target = y
         if mixing:
             x, target = mix_batch(x, y, cfg.augment, cfg.model.num_classes, gen)
@@ -266,6 +266,13 @@ def _train(cfg: RunConfig, quiet: bool, data: FerData | None, run_dir, resume: b
         if (Path(run_dir) / "results.json").is_file() and not has_checkpoint(run_dir):
             raise FervitError(f"{run_dir} has already finished (results.json is written); start a new run instead")
     log = print if not quiet and ctx.is_main else (lambda *a: None)
+    try:
+        tta = tta_mode(cfg.train.tta)
+    except ValueError as e:
+        raise FervitError(f"train.tta: {e}") from None
+    if tta == "ten_crop" and not cfg.model.crop_size:  # fail now, not after training
+        raise FervitError("train.tta=ten_crop needs a model trained on crops (model.crop_size, e.g. 40); "
+                          "use train.tta=mirror for a model that takes the whole face")
     if data is None:
         root = resolve_data_root(cfg.data.root)
         cfg.data.root = root
@@ -329,8 +336,8 @@ def _train(cfg: RunConfig, quiet: bool, data: FerData | None, run_dir, resume: b
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.optim.ema_decay), use_buffers=True)
     if state is not None:
         restore(state, model=model, ema=ema, optimizer=optimizer, scheduler=scheduler, run_dir=run_dir, ctx=ctx)
-    example = torch.zeros(cfg.train.batch_size // ctx.world_size, cfg.model.in_chans, cfg.model.img_size,
-                          cfg.model.img_size, device=device)
+    side = cfg.model.crop_size or cfg.model.img_size  # what training feeds the model
+    example = torch.zeros(cfg.train.batch_size // ctx.world_size, cfg.model.in_chans, side, side, device=device)
     train_model = maybe_compile(wrap_model(model, ctx), cfg.train.compile, device, example)
     eval_model = ema.module if ema is not None else model
 
