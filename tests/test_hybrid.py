@@ -172,3 +172,17 @@ def test_ten_crop_for_a_whole_face_model_is_refused_before_training(tiny_layout,
     with pytest.raises(FervitError, match="model.crop_size"):
         train(cfg, quiet=True)
     assert not out.exists()  # no half-made run folder
+
+
+def test_a_cropping_model_exports_to_onnx_with_a_48px_input_and_ten_crop_works_there(tmp_path):
+    pytest.importorskip("onnxruntime", reason="needs the onnx extra")
+    from fervit.inference.onnx import export_onnx, load_onnx
+    from fervit.inference.predictor import Predictor, TorchClassifier
+
+    model = tiny_hybrid(crop_size=40)
+    meta = {"model": {"name": "vit_resnet", "crop_size": 40, "num_classes": 7}, "classes": list("abcdefg"),
+            "input": {"size": 48, "channels": 1, "mean": 0.5, "std": 0.5}}
+    onnx_model, _ = load_onnx(export_onnx(model, meta, tmp_path / "m.onnx"))
+    faces = np.random.default_rng(1).integers(0, 256, (4, 48, 48), dtype=np.uint8)
+    torch_probs = Predictor(TorchClassifier(model, torch.device("cpu")), meta, tta="ten_crop").classify(faces)
+    np.testing.assert_allclose(Predictor(onnx_model, meta, tta="ten_crop").classify(faces), torch_probs, atol=1e-5)
