@@ -1,6 +1,12 @@
 """Inference speed on the CPU: eager PyTorch vs ONNX Runtime, batch-1 latency and batched throughput.
 
     python benchmarks/bench_inference.py [--threads 2] [--model RUN_DIR ...] [--photo PHOTO.jpg]
+    python benchmarks/bench_inference.py --user-waits [--model A --model B] [--data ROOT]
+
+`--user-waits` times what a user waits for, per model: one FER face and one 760x400 photo with three faces
+through the `fervit predict` command (a fresh process each time: start-up, model load, detection, forward)
+and through `fervit serve`'s API (the app in process, one request after another). Without --model it
+compares nothing but the shipped model.
 
 Without --model it times both architectures at their preset sizes (vit_cnn.json, vit_patch.json, and
 small.json) with random weights: speed does not depend on the weight values. Prints a Markdown table for
@@ -101,7 +107,12 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=200, help="timed batch-1 calls per backend")
     ap.add_argument("--seconds", type=float, default=4.0, help="time per throughput measurement")
     ap.add_argument("--photo", help="also time the whole predict pipeline (decode, detect, crop, classify) on it")
+    ap.add_argument("--user-waits", action="store_true",
+                    help="time one face and one photo through `fervit predict` and `fervit serve` per model")
+    ap.add_argument("--data", help="FER root for --user-waits' faces (default: as fervit resolves it)")
     args = ap.parse_args(argv)
+    if args.user_waits:
+        return user_waits(args.model, args.data, args.threads)
 
     from fervit.data.augment import normalize
     from fervit.inference.onnx import export_onnx, load_onnx
@@ -157,6 +168,78 @@ def main(argv=None) -> int:
         size = Image.open(args.photo).size
         print(f"\nWhole pipeline, {label} on ONNX Runtime: {Path(args.photo).name} ({size[0]}x{size[1]}, "
               f"{n_faces} faces): {med:.1f} ms median ({fastest:.1f} ms fastest) per photo")
+    return 0
+
+
+# three PrivateTest faces pasted on a textured 760x400 background, as in tests/test_predict.py
+PHOTO_FACES = [("happy/PrivateTest_10077120.jpg", 60, 90, 144), ("surprised/PrivateTest_10089743.jpg", 300, 60, 176),
+               ("neutral/PrivateTest_10086748.jpg", 560, 120, 128)]
+
+
+def make_photo(root: Path, path: Path) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.normal((80, 130, 190), 12, (400, 760, 3)).clip(0, 255).astype(np.uint8))
+    for rel, x, y, s in PHOTO_FACES:
+        photo.paste(Image.open(root / "test" / rel).convert("RGB").resize((s, s), Image.Resampling.BILINEAR), (x, y))
+    photo.save(path, quality=95)
+    return path
+
+
+def user_waits(models: list[str], data: str | None, threads: int, cli_runs: int = 5, api_runs: int = 30) -> int:
+    """Median wall time of one face and one photo through `fervit predict` (a new process each) and
+    `fervit serve` (in-process app, sequential requests), for each model (default: the shipped one)."""
+    import subprocess
+
+    from fastapi.testclient import TestClient
+
+    from fervit.config import resolve_data_root
+    from fervit.inference.predictor import Predictor, shipped_model
+    from fervit.serve.app import create_app
+
+    root = Path(resolve_data_root(data or ""))
+    tmp = Path(tempfile.mkdtemp(prefix="fervit-waits-"))
+    face, photo = root / "test" / PHOTO_FACES[0][0], make_photo(root, tmp / "three_faces.jpg")
+    models = [str(Path(m).resolve()) for m in models] or [str(shipped_model())]
+    Predictor.load(models[0])  # untimed: the first load also pays for the imports
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    rows = []
+    for model in models:
+        def cli(path, *flags):
+            cmd = [sys.executable, "-m", "fervit", "predict", str(path), "--json", "--model", model, *flags]
+            times = []
+            for _ in range(cli_runs):
+                t0 = time.perf_counter()
+                subprocess.run(cmd, check=True, capture_output=True, env=env, cwd=tmp)
+                times.append(time.perf_counter() - t0)
+            return statistics.median(times) * 1e3
+
+        t0 = time.perf_counter()
+        predictor = Predictor.load(model)
+        load_ms = (time.perf_counter() - t0) * 1e3
+        with TestClient(create_app(predictor)) as client:
+            def api(path):
+                data = path.read_bytes()
+                post = lambda: client.post("/predict", files={"file": (path.name, data, "image/jpeg")})  # noqa: E731
+                assert post().status_code == 200
+                times = []
+                for _ in range(api_runs):
+                    t0 = time.perf_counter()
+                    post()
+                    times.append(time.perf_counter() - t0)
+                return statistics.median(times) * 1e3
+
+            rows.append((model, load_ms, cli(face, "--no-detect"), cli(photo), api(face), api(photo)))
+    print(f"\nMachine: {cpu_name()}, {os.cpu_count()} logical cores, {threads} threads | torch {torch.__version__} | "
+          f"Python {platform.python_version()} | load average {load_average()} | medians of {cli_runs} commands "
+          f"and {api_runs} requests\n")
+    print("| model | load | `fervit predict` one face | `fervit predict` photo (3 faces) | serve: one face | "
+          "serve: photo |")
+    print("|---|---|---|---|---|---|")
+    for model, load_ms, *ms in rows:
+        print(f"| {model} | {load_ms:.0f} ms | " + " | ".join(f"{m:.0f} ms" for m in ms) + " |")
     return 0
 
 
