@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fervit.models import create_model
-from fervit.training.trainer import maybe_compile
+from fervit.training.epoch import maybe_compile
 
 CPU = torch.device("cpu")
 # small enough to compile in seconds, yet every kind of layer: conv stem, batch norm, attention, MLP head

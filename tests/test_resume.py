@@ -15,7 +15,7 @@ import pytest
 from conftest import make_layout
 
 import fervit.training.resume as resume
-import fervit.training.trainer as trainer
+import fervit.training.epoch as epoch_module
 from fervit.cli import main
 from fervit.config import apply_overrides, load_preset
 from fervit.training.resume import EXIT_REQUEUE, LAST_DIR, MANIFEST, Preempted, load_last
@@ -54,7 +54,7 @@ def reference(layout) -> dict:
 def signal_during_epoch(monkeypatch, epoch: int, signum=signal.SIGUSR1, times: int = 1) -> None:
     """Send `signum` to this process `times` times in the middle of `epoch` (between its augmentation calls)."""
     calls = {"n": 0}
-    augment = trainer.augment_batch
+    augment = epoch_module.augment_batch
     steps_per_epoch = 35 // 16  # 6 faces x 7 classes, one per class held out for validation, batches of 16
 
     def augment_and_signal(*args, **kwargs):
@@ -64,7 +64,7 @@ def signal_during_epoch(monkeypatch, epoch: int, signum=signal.SIGUSR1, times: i
                 os.kill(os.getpid(), signum)
         return augment(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "augment_batch", augment_and_signal)
+    monkeypatch.setattr(epoch_module, "augment_batch", augment_and_signal)
 
 
 def test_signal_mid_epoch_finishes_the_epoch_checkpoints_and_resumes_exactly(layout, reference, monkeypatch,

@@ -17,7 +17,7 @@ from fervit.data.dataset import CLASSES, load_fer
 from fervit.data.splits import make_splits
 from fervit.evaluation.evaluate import evaluate
 from fervit.evaluation.rerun import evaluate_checkpoint
-from fervit.training.checkpoint import load_model
+from fervit.models.checkpoint import load_model
 from fervit.training.trainer import train
 
 ARTIFACTS = ("config.json", "best_model.safetensors", "best_model.json", "training_metrics.csv", "loss_curve.png",
@@ -85,7 +85,7 @@ def test_results_json_reports_test_metrics_consistent_with_its_confusion_matrix(
 def test_evaluate_reproduces_the_saved_test_accuracy(finished_run, real_slice, tmp_path):
     saved = json.loads((finished_run / "results.json").read_text())["test"]["accuracy"]
     model, meta = load_model(finished_run)
-    assert meta["classes"] == list(CLASSES)
+    assert meta.classes == list(CLASSES)
     s = make_splits(real_slice, "fer2013")
     again = evaluate(model, real_slice.images, real_slice.labels, s.test)
     assert again["acc"] == pytest.approx(saved)

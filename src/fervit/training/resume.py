@@ -34,7 +34,7 @@ from fervit.config import RunConfig
 from fervit.errors import FervitError
 from fervit.io import atomic_write, write_json
 from fervit.runs import read_run_config
-from fervit.training.checkpoint import WEIGHTS_NAME, unwrap
+from fervit.models.checkpoint import WEIGHTS_NAME, unwrap
 from fervit.training.distributed import DistContext, gather_tensors
 
 FORMAT = "fervit-resume/1"
