@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 from conftest import make_layout
+from helpers import tiny_run_config
 
-import fervit.training.resume as resume
 import fervit.training.epoch as epoch_module
+import fervit.training.resume as resume
 from fervit.cli import main
-from fervit.config import apply_overrides, load_preset
 from fervit.training.resume import EXIT_REQUEUE, LAST_DIR, MANIFEST, Preempted, load_last
 from fervit.training.trainer import train
 
@@ -26,10 +26,8 @@ EPOCHS = 4
 
 def config(root: Path, out: Path, *extra: str):
     """A tiny run that exercises every RNG consumer: augmentation, dropout, mixup's Beta draw, EMA."""
-    return apply_overrides(load_preset("tiny"), [
-        f"data.root={root}", f"data.cache_dir={root.parent / 'cache'}", f"train.output={out}",
-        "train.device=cpu", "train.threads=1", f"train.epochs={EPOCHS}", "train.batch_size=16",
-        "model.dropout=0.1", "augment.mixup_alpha=0.2", "optim.ema_decay=0.9", *extra])
+    return tiny_run_config(f"train.epochs={EPOCHS}", "train.batch_size=16", "model.dropout=0.1",
+                           "augment.mixup_alpha=0.2", "optim.ema_decay=0.9", *extra, root=root, output=out)
 
 
 def outcome(run_dir: Path) -> dict:
@@ -123,9 +121,11 @@ def test_sigterm_to_the_cli_exits_for_requeue_and_resume_finishes_the_run(layout
            str(layout.parent / "cache"), "--output", str(out), "--device", "cpu", "--epochs", "12", "--quiet",
            "--set", "train.threads=1", "--set", "train.batch_size=16"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
+    deadline = time.time() + 120
     while not list(out.glob("*/training_metrics.csv")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
+    # a finished epoch proves the stop handlers are installed (train installs them before epoch 1)
+    assert proc.poll() is None and list(out.glob("*/training_metrics.csv")), "no epoch finished to signal after"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == EXIT_REQUEUE, err

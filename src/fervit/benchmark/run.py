@@ -221,7 +221,8 @@ def _bench_model(name: str, preset: RunConfig, cfg: BenchConfig, device, images,
     # fervit: the trainer's own epoch function on a random subset of train/ that holds k batches
     def fervit_steps(k: int) -> None:
         subset = train_dev[torch.randperm(len(train_dev), generator=gen, device=device)[:k * bs]]
-        train_one_epoch(EpochParts(preset, train_model, optimizer, scheduler, images, labels, subset, gen, amp_dtype=amp))
+        train_one_epoch(EpochParts(preset, train_model, optimizer, scheduler, images, labels, subset, gen,
+                                   amp_dtype=amp))
 
     reset_peak_memory(device)
     if warmup:
