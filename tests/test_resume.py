@@ -184,3 +184,18 @@ def test_resuming_with_another_number_of_processes_is_refused(stopped_run, layou
     data = load_fer(layout, layout.parent / "cache", progress=False)
     with pytest.raises(FervitError, match="trained by 1 process"):  # refused before any collective call
         train(cfg, quiet=True, data=data, run_dir=stopped_run, resume=True, ctx=DistContext(world_size=2))
+
+
+# the issue-11 recipe: SGD with Nesterov momentum, plateau drops (patience 1, so they happen in 4 epochs), EMA warm-up
+RECIPE = ("optim.name=sgd", "optim.lr=0.05", "optim.weight_decay=1e-4", "optim.schedule=plateau",
+          "optim.plateau_patience=1", "optim.warmup_epochs=1", "optim.ema_warmup=true")
+
+
+def test_sgd_plateau_and_ema_warmup_resume_exactly(layout, monkeypatch, tmp_path):
+    uninterrupted = outcome(train(config(layout, tmp_path / "reference", *RECIPE), quiet=True))
+    signal_during_epoch(monkeypatch, epoch=3)
+    with pytest.raises(Preempted) as stop:
+        train(config(layout, tmp_path / "stopped", *RECIPE), quiet=True)
+    monkeypatch.undo()
+    train(config(layout, tmp_path / "stopped", *RECIPE), quiet=True, run_dir=stop.value.run_dir, resume=True)
+    assert outcome(stop.value.run_dir) == uninterrupted

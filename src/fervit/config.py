@@ -81,16 +81,23 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
+    name: Literal["adamw", "sgd"] = "adamw"
     lr: float = 3e-4
     weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = (0.9, 0.999)  # adamw only
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = True  # sgd only
+    schedule: Literal["cosine", "plateau"] = "cosine"  # after the warmup: cosine decay, or drops on a plateau
     warmup_epochs: float = 5.0
-    min_lr_ratio: float = 0.01  # cosine decays to lr * min_lr_ratio
+    min_lr_ratio: float = 0.01  # the lr never falls below lr * min_lr_ratio (cosine ends there)
+    plateau_factor: float = 0.5  # plateau: multiply the lr by this ...
+    plateau_patience: int = 5  # ... after this many epochs without a better validation accuracy
     label_smoothing: float = 0.1
     class_weights: Literal["none", "balanced"] = "none"  # none | balanced (inverse class frequency)
     sampler: Literal["uniform", "balanced"] = "uniform"  # uniform | balanced (each class equally likely per draw)
     grad_clip: float = 1.0  # 0 disables
     ema_decay: float = 0.0  # 0 disables; otherwise the EMA weights are evaluated and saved
+    ema_warmup: bool = False  # the EMA's decay at update n is min(ema_decay, (1 + n) / (10 + n))
 
 
 @dataclass

@@ -35,9 +35,43 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: RunConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW over `parameter_groups`."""
-    groups = parameter_groups(model, cfg.optim.weight_decay)
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, fused=device.type == "cuda")
+    """AdamW (fused on CUDA) or SGD with (Nesterov) momentum, over `parameter_groups`."""
+    o = cfg.optim
+    groups = parameter_groups(model, o.weight_decay)
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, fused=device.type == "cuda")
+
+
+def build_ema(model: nn.Module, cfg: RunConfig) -> torch.optim.swa_utils.AveragedModel | None:
+    """An exponential moving average of the weights (and buffers), or None when optim.ema_decay is 0.
+    Its update count (`n_averaged`) is a buffer, so a resumed run continues the decay warm-up exactly."""
+    if cfg.optim.ema_decay <= 0:
+        return None
+    update = (ema_warmup_update(cfg.optim.ema_decay) if cfg.optim.ema_warmup
+              else torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.optim.ema_decay))
+    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+
+
+def ema_warmup_decay(n: torch.Tensor, decay: float) -> torch.Tensor:
+    """The decay at the EMA's n-th update: (1 + n) / (10 + n), capped at `decay`. Early updates follow
+    the live weights closely instead of holding on to the random initial ones for ~1/(1 - decay) steps."""
+    return ((1 + n) / (10 + n)).clamp(max=decay)
+
+
+def ema_warmup_update(decay: float):
+    """An AveragedModel multi_avg_fn with the warm-up decay; a device tensor throughout (no sync per step)."""
+
+    @torch.no_grad()
+    def update(ema_params, live_params, n_averaged: torch.Tensor) -> None:
+        d = ema_warmup_decay(n_averaged.float(), decay)
+        if torch.is_floating_point(ema_params[0]):
+            torch._foreach_lerp_(ema_params, live_params, 1 - d)
+        else:  # integer buffers (BatchNorm's batch count), as torch's own EMA does
+            for e, p in zip(ema_params, live_params):
+                e.copy_(e * d + p * (1 - d))
+
+    return update
 
 
 def maybe_compile(model: nn.Module, mode: str, device: torch.device, example: torch.Tensor) -> nn.Module:

@@ -122,6 +122,8 @@ def recipe_hash(cfg: RunConfig) -> str:
 
 def check_config(saved: dict, cfg: RunConfig, run_dir: Path) -> None:
     """Raise a one-line FervitError naming the first recipe key that differs from the checkpoint's config."""
+    with contextlib.suppress(FervitError):  # keys added to the config since then take their (old-behaviour) defaults
+        saved = RunConfig.from_dict(saved).to_dict()
     saved_recipe = json.loads(json.dumps(recipe(saved)))
     new_recipe = json.loads(json.dumps(recipe(cfg.to_dict())))
     for section in sorted(set(saved_recipe) | set(new_recipe)):

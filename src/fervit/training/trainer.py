@@ -32,11 +32,12 @@ from fervit.models.checkpoint import WEIGHTS_NAME, describe, load_model, save_mo
 from fervit.runs import make_run_dir, write_metrics_csv
 from fervit.training.distributed import (DistContext, all_reduce_sum, any_rank, barrier, broadcast_value, close,
                                         init_distributed, wrap_model)
-from fervit.training.epoch import EpochParts, build_optimizer, class_weights, maybe_compile, train_one_epoch
+from fervit.training.epoch import (EpochParts, build_ema, build_optimizer, class_weights, maybe_compile,
+                                   train_one_epoch)
 from fervit.training.resume import (CheckpointWriter, Preempted, ResumeState, StopNow, StopSignals,
                                     data_fingerprint, has_checkpoint, load_last, remove_last, restore, restore_rng,
                                     validate)
-from fervit.training.schedule import WarmupCosine
+from fervit.training.schedule import WarmupCosine, WarmupPlateau, apply_now, build_schedule
 from fervit.training.tensorboard import TensorBoardLog
 
 
@@ -74,7 +75,7 @@ class Run:
     model: nn.Module  # plain, on the device
     eval_model: nn.Module  # the EMA's copy when there is one, else `model`
     parts: EpochParts  # what train_one_epoch uses
-    schedule: WarmupCosine
+    schedule: WarmupCosine | WarmupPlateau
     steps_per_epoch: int
     val_idx: torch.Tensor
     n_params: int
@@ -212,8 +213,7 @@ def set_up(cfg: RunConfig, ctx: DistContext, data: FerData, splits: Splits, fing
     gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
     steps_per_epoch = max(len(train_idx) // cfg.train.batch_size, 1)
     optimizer = build_optimizer(model, cfg, device)
-    schedule = WarmupCosine(steps_per_epoch * cfg.train.epochs, int(cfg.optim.warmup_epochs * steps_per_epoch),
-                            cfg.optim.min_lr_ratio)
+    schedule = build_schedule(cfg.optim, steps_per_epoch, cfg.train.epochs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     train_labels = labels[train_idx]
     weights = class_weights(train_labels, cfg.model.num_classes)
@@ -242,14 +242,6 @@ def open_run_dir(cfg: RunConfig, ctx: DistContext, run_dir, fresh: bool) -> Path
     return Path(broadcast_value(str(run_dir), ctx))
 
 
-def build_ema(model: nn.Module, cfg: RunConfig) -> torch.optim.swa_utils.AveragedModel | None:
-    """An exponential moving average of the weights (and buffers), or None when optim.ema_decay is 0."""
-    if cfg.optim.ema_decay <= 0:
-        return None
-    return torch.optim.swa_utils.AveragedModel(
-        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.optim.ema_decay), use_buffers=True)
-
-
 def resume_state(run: Run, saved: ResumeState) -> TrainState:
     """The saved TrainState; the RNGs go back last (building and compiling drew random numbers)."""
     state = TrainState.from_dict(saved.progress)
@@ -273,7 +265,8 @@ def run_epoch(run: Run, state: TrainState, tb: TensorBoardLog) -> dict:
     row = {"epoch": state.epoch, "lr": lr, "train_loss": tr["loss"], "train_acc": tr["acc"],
            "val_loss": val["loss"], "val_acc": val["acc"], "seconds": time.time() - t0}
     state.rows.append(row)
-    run.schedule.epoch_end(val["acc"])
+    if run.schedule.epoch_end(val["acc"]):  # a plateau drop
+        apply_now(parts.scheduler)
     improved = val["acc"] > state.best_acc
     if improved:
         state.best_acc, state.best_epoch, state.stale = val["acc"], state.epoch, 0
