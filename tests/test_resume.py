@@ -199,3 +199,16 @@ def test_sgd_plateau_and_ema_warmup_resume_exactly(layout, monkeypatch, tmp_path
     monkeypatch.undo()
     train(config(layout, tmp_path / "stopped", *RECIPE), quiet=True, run_dir=stop.value.run_dir, resume=True)
     assert outcome(stop.value.run_dir) == uninterrupted
+
+
+def test_a_checkpoint_written_before_the_sgd_plateau_and_ema_warmup_keys_still_resumes(tmp_path):
+    from fervit.config import RunConfig, apply_overrides
+    from fervit.errors import FervitError
+    from fervit.training.resume import check_config
+
+    saved = RunConfig().to_dict()
+    for key in ("name", "momentum", "nesterov", "schedule", "plateau_factor", "plateau_patience", "ema_warmup"):
+        del saved["optim"][key]
+    check_config(saved, RunConfig(), tmp_path)  # the missing keys mean what they meant then: the defaults
+    with pytest.raises(FervitError, match="'optim.name' is 'sgd'"):
+        check_config(saved, apply_overrides(RunConfig(), ["optim.name=sgd"]), tmp_path)

@@ -21,7 +21,8 @@ from fervit.errors import FervitError
 @dataclass
 class DataConfig:
     root: str = ""  # empty: $FERVIT_DATA, else data/emotion_detection_fer
-    protocol: Literal["seed", "fer2013"] = "seed"  # seed: 90/10 split of train/; fer2013: Training/PublicTest/PrivateTest
+    # seed: 90/10 split of train/; fer2013: Training/PublicTest/PrivateTest
+    protocol: Literal["seed", "fer2013"] = "seed"
     val_fraction: float = 0.1
     split_seed: int = 0
     cache_dir: str = ""  # empty: the user's cache dir (platformdirs)
@@ -71,7 +72,8 @@ class ModelConfig:
     attn_dropout: float = 0.0
     drop_path: float = 0.0
     head_hidden: int = 192  # 0: a single linear head
-    pool: Literal["cls", "mean"] = "cls"  # what the head reads: cls (the [CLS] token) | mean (the average of the other tokens)
+    # what the head reads: cls (the [CLS] token) | mean (the average of the other tokens)
+    pool: Literal["cls", "mean"] = "cls"
     stem_channels: tuple[int, ...] = (32, 64)  # vit_cnn: one stage per entry, each halves H and W
     stem_convs: int = 1  # vit_cnn: 3x3 conv+BN+ReLU layers per stage before its max-pool
     pretrained: str = ""  # local weights file (safetensors) loaded before training

@@ -121,7 +121,8 @@ class ModelFile:
         try:
             d = json.loads(meta_path.read_text())
         except FileNotFoundError:
-            raise FervitError(f"'{meta_path.name}' is missing beside '{weights}'; it says how to rebuild the model") from None
+            raise FervitError(f"'{meta_path.name}' is missing beside '{weights}'; it says how to rebuild the "
+                              "model") from None
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise FervitError(f"'{meta_path}' is damaged (not valid JSON); re-export the checkpoint") from None
         return cls.from_dict(d, meta_path)
