@@ -81,21 +81,19 @@ def models_to_time(paths: list[str]):
     """(label, model, meta): the given checkpoints, or both architectures at their preset sizes."""
     from fervit.config import load_preset, preset_names
     from fervit.models import build_model, count_parameters
-    from fervit.training.checkpoint import load_model
+    from fervit.models.checkpoint import describe, load_model
 
     if paths:
         for p in paths:
             model, meta = load_model(p, "cpu")
-            yield f"{meta['model']['name']} ({Path(p).name}, {count_parameters(model) / 1e6:.2f}M)", model, meta
+            yield f"{meta.model.name} ({Path(p).name}, {count_parameters(model) / 1e6:.2f}M)", model, meta
         return
     for preset in ("vit_cnn", "vit_patch", "small"):
         if preset not in preset_names():
             continue
         cfg = load_preset(preset).model
         model = build_model(cfg).eval()
-        meta = {"model": vars(cfg), "classes": ["angry", "disgusted", "fearful", "happy", "neutral", "sad",
-                                                "surprised"],
-                "input": {"size": cfg.img_size, "channels": 1, "mean": 0.5, "std": 0.5}}
+        meta = describe(cfg)
         yield f"{cfg.name}, {preset} preset ({count_parameters(model) / 1e6:.2f}M params)", model, meta
 
 
@@ -127,7 +125,7 @@ def main(argv=None) -> int:
     bar = tqdm(total=len(models) * 2, desc="benchmarking", unit="backend", file=sys.stderr)
     for label, model, meta in models:
         model.eval()
-        onnx_path = export_onnx(model, meta, tmp / f"{meta['model']['name']}.onnx")
+        onnx_path = export_onnx(model, meta, tmp / f"{meta.model.name}.onnx")
         classifier, _ = load_onnx(onnx_path, threads=args.threads)
 
         @torch.inference_mode()
@@ -159,7 +157,7 @@ def main(argv=None) -> int:
         from fervit.inference.predictor import Predictor
 
         label, model, meta = models[0]
-        predictor = Predictor(classifier=load_onnx(tmp / f"{meta['model']['name']}.onnx", args.threads)[0],
+        predictor = Predictor(classifier=load_onnx(tmp / f"{meta.model.name}.onnx", args.threads)[0],
                               meta=meta)
         data = Path(args.photo).read_bytes()
         n_faces = len(predictor.predict_images([("photo", open_image(data))])[0].faces)

@@ -20,14 +20,12 @@ from pathlib import Path
 
 import torch
 
-from fervit.config import RunConfig, resolve_data_root
+from fervit.config import resolve_data_root
 from fervit.errors import FervitError
-from fervit.io import write_json
 from fervit.evaluation.rerun import evaluate_checkpoint
 from fervit.models import count_parameters, model_label
 from fervit.runs import read_metrics_csv, read_run_config
-from fervit.training.checkpoint import load_model, save_model
-from fervit.training.trainer import split_settings
+from fervit.models.checkpoint import SplitSpec, load_model, save_model
 
 MAX_BYTES = 10 * 1024 * 1024
 REPO = Path(__file__).resolve().parents[1]
@@ -135,10 +133,8 @@ def main(argv=None) -> int:
         model, meta = load_model(args.run)
         args.dest.mkdir(parents=True, exist_ok=True)
         weights = args.dest / "model.safetensors"
-        keep = {k: meta[k] for k in ("epoch", "val_acc") if k in meta}
-        keep.update(protocol=cfg.data.protocol, split=split_settings(cfg))
-        save_model(model, RunConfig.from_dict({"model": meta["model"]}).model, weights,
-                   extra={**keep, "source_run": args.run.name, "dtype": "float16"}, dtype=torch.float16)
+        meta.split, meta.source_run, meta.dtype = SplitSpec.of(cfg.data), args.run.name, "float16"
+        save_model(model, meta, weights, dtype=torch.float16)
         size = weights.stat().st_size
         if size > MAX_BYTES:
             weights.unlink()
@@ -150,11 +146,9 @@ def main(argv=None) -> int:
             shipped = json.loads((Path(tmp) / "results.json").read_text())
             shutil.copyfile(Path(tmp) / "confusion_matrix.png", args.dest / "confusion_matrix.png")
         val, test = shipped["val"], shipped["test"]
-        meta_path = weights.with_suffix(".json")
-        shipped_meta = json.loads(meta_path.read_text())
-        shipped_meta["metrics"] = {"val_accuracy": val["accuracy"], "test_accuracy": test["accuracy"],
-                                   "test_macro_f1": test["macro_avg"]["f1"], "params": count_parameters(model)}
-        write_json(meta_path, shipped_meta)
+        meta.metrics = {"val_accuracy": val["accuracy"], "test_accuracy": test["accuracy"],
+                        "test_macro_f1": test["macro_avg"]["f1"], "params": count_parameters(model)}
+        meta.write(weights)
         shutil.copyfile(args.run / "config.json", args.dest / "train_config.json")
         rows = read_metrics_csv(args.run / "training_metrics.csv")
         (args.dest / "MODEL_CARD.md").write_text(card(args.run, cfg, results, val, test, rows, size,

@@ -7,11 +7,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from helpers import save_tiny_checkpoint, tiny_model, tiny_model_config
 
-from fervit.config import ModelConfig
 from fervit.errors import FervitError
-from fervit.models import create_model
-from fervit.training.checkpoint import load_model, save_model
+from fervit.models.checkpoint import load_model
 
 
 def fervit(*args, **kw):
@@ -52,15 +52,15 @@ def test_missing_default_data_folder_points_to_fetch(tmp_path):
 
 @pytest.fixture
 def checkpoint(tmp_path):
-    cfg = ModelConfig(embed_dim=32, depth=1, num_heads=2, mlp_dim=64, stem_channels=(8, 16), head_hidden=32)
-    model = create_model("vit_cnn", embed_dim=32, depth=1, num_heads=2, mlp_dim=64, stem_channels=(8, 16),
-                         head_hidden=32)
-    return save_model(model, cfg, tmp_path / "best_model.safetensors")
+    return save_tiny_checkpoint(tmp_path)
 
 
-def test_checkpoint_round_trip(checkpoint):
+def test_checkpoint_round_trip_gives_back_every_tensor_and_the_description(checkpoint):
     model, meta = load_model(checkpoint)
-    assert meta["model"]["embed_dim"] == 32 and not model.training
+    saved = tiny_model().state_dict()  # the same seed builds the same weights
+    assert set(model.state_dict()) == set(saved)
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    assert meta.model == tiny_model_config() and not model.training
 
 
 def test_pickled_checkpoints_are_refused(tmp_path):

@@ -8,17 +8,16 @@ import warnings
 import pytest
 import torch
 
-from fervit.models import create_model
-from fervit.training.trainer import maybe_compile
+from helpers import tiny_model
+
+from fervit.training.epoch import maybe_compile
 
 CPU = torch.device("cpu")
-# small enough to compile in seconds, yet every kind of layer: conv stem, batch norm, attention, MLP head
-SMALL = dict(embed_dim=32, depth=1, num_heads=2, mlp_dim=64, head_hidden=32, stem_channels=(8, 16), dropout=0.0)
 
 
 def small_model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return create_model("vit_cnn", **SMALL)
+    """Small enough to compile in seconds, yet every kind of layer: conv stem, batch norm, attention, MLP head."""
+    return tiny_model(dropout=0.0)
 
 
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),

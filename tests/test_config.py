@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from fervit.config import RunConfig, apply_overrides, load_preset, preset_names
+from fervit.config import AugmentConfig, ModelConfig, RunConfig, apply_overrides, from_dict, load_preset, preset_names
 from fervit.errors import FervitError
 
 
@@ -49,3 +49,38 @@ def test_preset_files_and_unknown_names(tmp_path):
     path.write_text('{"model": {"depht": 3}}')
     with pytest.raises(FervitError, match="unknown config key 'model.depht'"):
         load_preset(str(path))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.protocol=kaggle", "'data.protocol' must be one of seed, fer2013, got 'kaggle'"),
+    ("model.pool=max", "'model.pool' must be one of cls, mean"),
+    ("optim.sampler=weighted", "'optim.sampler' must be one of uniform, balanced"),
+    ("optim.class_weights=inverse", "'optim.class_weights' must be one of none, balanced"),
+    ("train.compile=yes", "'train.compile' must be one of auto, on, off"),
+    ("train.amp=fp16", "'train.amp' must be one of auto, bf16, off"),
+    ("train.device=gpu", "'train.device' must be auto, cpu, mps, cuda or cuda:N"),
+    ("train.device=cuda:x", "'train.device' must be auto, cpu, mps, cuda or cuda:N"),
+])
+def test_string_options_are_checked_when_the_config_is_built(override, message):
+    with pytest.raises(FervitError, match=message):
+        apply_overrides(RunConfig(), [override])
+    section, rest = override.split(".", 1)
+    key, value = rest.split("=")
+    with pytest.raises(FervitError, match=message):
+        RunConfig.from_dict({section: {key: value}})
+
+
+def test_a_config_section_is_built_from_json_by_the_public_from_dict():
+    model = from_dict(ModelConfig, {"name": "vit_patch", "stem_channels": [8, 16]}, "model.")
+    assert model == ModelConfig(name="vit_patch", stem_channels=(8, 16))
+    assert apply_overrides(RunConfig(), ["train.device=cuda:1"]).train.device == "cuda:1"
+
+
+def test_augment_strength_scales_every_amount_and_keeps_probabilities_valid():
+    base = AugmentConfig()
+    assert base.scaled(1.0) == base
+    none = base.scaled(0.0)
+    assert (none.rotation, none.translate, none.brightness, none.contrast, none.erase_p) == (0, 0, 0, 0, 0)
+    assert none.scale == (1.0, 1.0) and none.hflip == base.hflip  # flips are not an amount
+    strong = base.scaled(10.0)
+    assert strong.erase_p == 1.0 and strong.scale == (0.05, 1.0)

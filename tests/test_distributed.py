@@ -17,7 +17,9 @@ from fervit.config import apply_overrides, load_preset
 from fervit.data.dataset import load_fer
 from fervit.errors import FervitError
 from fervit.training.distributed import DistContext, init_distributed, wrap_model
-from fervit.training.trainer import resolve_device, shard_loss, train
+from fervit.device import resolve_device
+from fervit.training.epoch import shard_loss
+from fervit.training.trainer import train
 
 # vit_patch has no BatchNorm: torch cannot sync BatchNorm on CPU, so only a BN-free model can match exactly
 SETTINGS = ["train.threads=1", "train.batch_size=16", "train.epochs=3", "model.name=vit_patch",

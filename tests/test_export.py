@@ -18,7 +18,7 @@ from fervit.cli import main  # noqa: E402
 from fervit.data.augment import normalize  # noqa: E402
 from fervit.inference.onnx import (PROB_ATOL, ParityReport, check_parity, export_onnx, load_onnx,  # noqa: E402
                                    real_test_slice)
-from fervit.training.checkpoint import load_model  # noqa: E402
+from fervit.models.checkpoint import ModelFile, load_model  # noqa: E402
 from test_predict import FACES, make_checkpoint  # noqa: E402
 
 
@@ -41,10 +41,10 @@ def test_export_writes_onnx_beside_the_checkpoint_and_reports_its_check(exported
 
 def test_onnx_runtime_agrees_with_pytorch_on_real_test_faces(exported, real_data):
     run, path, _ = exported
-    model, _ = load_model(run)
+    model, meta = load_model(run)
     classifier, _ = load_onnx(path)
     images, labels = real_test_slice(real_data, 300)
-    report = check_parity(model, classifier, images, labels)
+    report = check_parity(model, classifier, images, labels, meta)
     assert report.max_prob_diff <= PROB_ATOL
     assert report.onnx_accuracy == report.torch_accuracy
     assert report.disagreements == 0
@@ -56,7 +56,7 @@ def test_the_patch_model_exports_too(real_data, tmp_path):
     path = export_onnx(model, meta, tmp_path / "patch.onnx")
     classifier, _ = load_onnx(path)
     images, labels = real_test_slice(real_data, 64)
-    report = check_parity(model, classifier, images, labels)
+    report = check_parity(model, classifier, images, labels, meta)
     assert report.ok, report.summary()
 
 
@@ -74,7 +74,7 @@ def test_batch_size_is_dynamic(exported):
 def test_the_onnx_file_carries_the_model_description(exported):
     run, path, _ = exported
     _, meta = load_onnx(path)
-    assert meta == json.loads((run / "best_model.json").read_text())
+    assert meta == ModelFile.read(run / "best_model.safetensors")
 
 
 def test_predict_with_the_onnx_backend_matches_pytorch(exported, real_data, capsys):

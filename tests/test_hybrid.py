@@ -8,11 +8,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fervit.config import AugmentConfig, load_preset
+from fervit.config import AugmentConfig, ModelConfig, load_preset
 from fervit.data.augment import augment_batch, tta_views
 from fervit.errors import FervitError
 from fervit.evaluation.evaluate import predict_logits
 from fervit.models import build_model, count_parameters, create_model
+from fervit.models.checkpoint import describe
 from fervit.models.layers import center_crop
 
 TINY = dict(stem_channels=(8, 16, 32), stem_blocks=1, embed_dim=32, depth=1, num_heads=2, mlp_dim=64,
@@ -60,9 +61,10 @@ def test_a_cropping_model_takes_the_centre_of_a_whole_face():
         torch.testing.assert_close(model(x), model(x[..., 4:44, 4:44]))
 
 
-def test_no_weight_decay_names_real_parameters():
-    model = tiny_hybrid()
-    assert model.no_weight_decay() <= {n for n, _ in model.named_parameters()}
+def test_the_encoders_tokens_and_positions_take_no_weight_decay():
+    from fervit.models.registry import no_weight_decay_names
+
+    assert no_weight_decay_names(tiny_hybrid()) == {"encoder.cls_token", "encoder.pos_embed"}
 
 
 @pytest.mark.parametrize("crop", [0, 49, -1])
@@ -136,14 +138,14 @@ def test_predictor_ten_crop_gives_the_evaluations_probabilities():
     from fervit.inference.predictor import Predictor, TorchClassifier
 
     model = tiny_hybrid(crop_size=40)
-    meta = {"classes": ["a", "b", "c", "d", "e", "f", "g"], "model": {"crop_size": 40},
-            "input": {"size": 48, "channels": 1, "mean": 0.5, "std": 0.5}}
+    meta = describe(ModelConfig(name="vit_resnet", **TINY, crop_size=40))
     faces = np.random.default_rng(0).integers(0, 256, (3, 48, 48), dtype=np.uint8)
     predictor = Predictor(TorchClassifier(model, torch.device("cpu")), meta, tta="ten_crop")
     expected = F.softmax(predict_logits(model, torch.from_numpy(faces), torch.arange(3), tta="ten_crop"), -1)
     np.testing.assert_allclose(predictor.classify(faces), expected.numpy(), atol=1e-5)
+    whole = describe(ModelConfig(name="vit_resnet", **TINY))
     with pytest.raises(FervitError, match="ten-crop"):
-        Predictor(TorchClassifier(model, torch.device("cpu")), {**meta, "model": {"crop_size": 0}}, tta="ten_crop")
+        Predictor(TorchClassifier(model, torch.device("cpu")), whole, tta="ten_crop")
 
 
 def test_a_crop_model_trains_end_to_end_and_its_run_is_evaluated_with_ten_crops(tiny_layout, tmp_path):
@@ -180,8 +182,7 @@ def test_a_cropping_model_exports_to_onnx_with_a_48px_input_and_ten_crop_works_t
     from fervit.inference.predictor import Predictor, TorchClassifier
 
     model = tiny_hybrid(crop_size=40)
-    meta = {"model": {"name": "vit_resnet", "crop_size": 40, "num_classes": 7}, "classes": list("abcdefg"),
-            "input": {"size": 48, "channels": 1, "mean": 0.5, "std": 0.5}}
+    meta = describe(ModelConfig(name="vit_resnet", **TINY, crop_size=40))
     onnx_model, _ = load_onnx(export_onnx(model, meta, tmp_path / "m.onnx"))
     faces = np.random.default_rng(1).integers(0, 256, (4, 48, 48), dtype=np.uint8)
     torch_probs = Predictor(TorchClassifier(model, torch.device("cpu")), meta, tta="ten_crop").classify(faces)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 from pathlib import Path
@@ -12,14 +11,10 @@ import pytest
 from PIL import Image
 
 from fervit.cli import main
-from fervit.config import ModelConfig
 from fervit.data.dataset import CLASSES, decode_image
 from fervit.inference.faces import Box, face_crop
 from fervit.inference.predictor import Predictor, default_model
-from fervit.models import build_model
-from fervit.training.checkpoint import save_model
-
-TINY = dict(embed_dim=32, depth=1, num_heads=2, mlp_dim=64, stem_channels=(8, 16), head_hidden=32)
+from helpers import save_tiny_checkpoint
 # FER-2013 test faces that OpenCV's cascade finds when pasted onto a photo; placed at (x, y) with side s
 FACES = [("happy/PrivateTest_10077120.jpg", 60, 90, 144),
          ("surprised/PrivateTest_10089743.jpg", 300, 60, 176),
@@ -28,12 +23,7 @@ FACES = [("happy/PrivateTest_10077120.jpg", 60, 90, 144),
 
 def make_checkpoint(run_dir: Path, name: str = "vit_cnn", seed: int = 0) -> Path:
     """A small untrained model saved as a run folder would hold it (weights do not matter for these checks)."""
-    import torch
-
-    torch.manual_seed(seed)
-    cfg = dataclasses.replace(ModelConfig(name=name), **TINY, patch_size=8)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_model(build_model(cfg), cfg, run_dir / "best_model.safetensors")
+    save_tiny_checkpoint(run_dir, name, seed, patch_size=8)
     return run_dir
 
 

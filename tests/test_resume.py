@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 from conftest import make_layout
+from helpers import tiny_run_config
 
+import fervit.training.epoch as epoch_module
 import fervit.training.resume as resume
-import fervit.training.trainer as trainer
 from fervit.cli import main
-from fervit.config import apply_overrides, load_preset
 from fervit.training.resume import EXIT_REQUEUE, LAST_DIR, MANIFEST, Preempted, load_last
 from fervit.training.trainer import train
 
@@ -26,10 +26,8 @@ EPOCHS = 4
 
 def config(root: Path, out: Path, *extra: str):
     """A tiny run that exercises every RNG consumer: augmentation, dropout, mixup's Beta draw, EMA."""
-    return apply_overrides(load_preset("tiny"), [
-        f"data.root={root}", f"data.cache_dir={root.parent / 'cache'}", f"train.output={out}",
-        "train.device=cpu", "train.threads=1", f"train.epochs={EPOCHS}", "train.batch_size=16",
-        "model.dropout=0.1", "augment.mixup_alpha=0.2", "optim.ema_decay=0.9", *extra])
+    return tiny_run_config(f"train.epochs={EPOCHS}", "train.batch_size=16", "model.dropout=0.1",
+                           "augment.mixup_alpha=0.2", "optim.ema_decay=0.9", *extra, root=root, output=out)
 
 
 def outcome(run_dir: Path) -> dict:
@@ -54,7 +52,7 @@ def reference(layout) -> dict:
 def signal_during_epoch(monkeypatch, epoch: int, signum=signal.SIGUSR1, times: int = 1) -> None:
     """Send `signum` to this process `times` times in the middle of `epoch` (between its augmentation calls)."""
     calls = {"n": 0}
-    augment = trainer.augment_batch
+    augment = epoch_module.augment_batch
     steps_per_epoch = 35 // 16  # 6 faces x 7 classes, one per class held out for validation, batches of 16
 
     def augment_and_signal(*args, **kwargs):
@@ -64,7 +62,7 @@ def signal_during_epoch(monkeypatch, epoch: int, signum=signal.SIGUSR1, times: i
                 os.kill(os.getpid(), signum)
         return augment(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "augment_batch", augment_and_signal)
+    monkeypatch.setattr(epoch_module, "augment_batch", augment_and_signal)
 
 
 def test_signal_mid_epoch_finishes_the_epoch_checkpoints_and_resumes_exactly(layout, reference, monkeypatch,
@@ -123,9 +121,11 @@ def test_sigterm_to_the_cli_exits_for_requeue_and_resume_finishes_the_run(layout
            str(layout.parent / "cache"), "--output", str(out), "--device", "cpu", "--epochs", "12", "--quiet",
            "--set", "train.threads=1", "--set", "train.batch_size=16"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
+    deadline = time.time() + 120
     while not list(out.glob("*/training_metrics.csv")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
+    # a finished epoch proves the stop handlers are installed (train installs them before epoch 1)
+    assert proc.poll() is None and list(out.glob("*/training_metrics.csv")), "no epoch finished to signal after"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == EXIT_REQUEUE, err
@@ -184,3 +184,31 @@ def test_resuming_with_another_number_of_processes_is_refused(stopped_run, layou
     data = load_fer(layout, layout.parent / "cache", progress=False)
     with pytest.raises(FervitError, match="trained by 1 process"):  # refused before any collective call
         train(cfg, quiet=True, data=data, run_dir=stopped_run, resume=True, ctx=DistContext(world_size=2))
+
+
+# the issue-11 recipe: SGD with Nesterov momentum, plateau drops (patience 1, so they happen in 4 epochs), EMA warm-up
+RECIPE = ("optim.name=sgd", "optim.lr=0.05", "optim.weight_decay=1e-4", "optim.schedule=plateau",
+          "optim.plateau_patience=1", "optim.warmup_epochs=1", "optim.ema_warmup=true")
+
+
+def test_sgd_plateau_and_ema_warmup_resume_exactly(layout, monkeypatch, tmp_path):
+    uninterrupted = outcome(train(config(layout, tmp_path / "reference", *RECIPE), quiet=True))
+    signal_during_epoch(monkeypatch, epoch=3)
+    with pytest.raises(Preempted) as stop:
+        train(config(layout, tmp_path / "stopped", *RECIPE), quiet=True)
+    monkeypatch.undo()
+    train(config(layout, tmp_path / "stopped", *RECIPE), quiet=True, run_dir=stop.value.run_dir, resume=True)
+    assert outcome(stop.value.run_dir) == uninterrupted
+
+
+def test_a_checkpoint_written_before_the_sgd_plateau_and_ema_warmup_keys_still_resumes(tmp_path):
+    from fervit.config import RunConfig, apply_overrides
+    from fervit.errors import FervitError
+    from fervit.training.resume import check_config
+
+    saved = RunConfig().to_dict()
+    for key in ("name", "momentum", "nesterov", "schedule", "plateau_factor", "plateau_patience", "ema_warmup"):
+        del saved["optim"][key]
+    check_config(saved, RunConfig(), tmp_path)  # the missing keys mean what they meant then: the defaults
+    with pytest.raises(FervitError, match="'optim.name' is 'sgd'"):
+        check_config(saved, apply_overrides(RunConfig(), ["optim.name=sgd"]), tmp_path)

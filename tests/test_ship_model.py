@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import tiny_run_config
 import torch
 from safetensors import safe_open
 
-from fervit.config import apply_overrides, load_preset
 from fervit.training.trainer import train
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ship_model.py"
@@ -25,9 +25,8 @@ def ship():
 
 
 def tiny_run(layout, tmp_path, protocol):
-    cfg = apply_overrides(load_preset("tiny"), [f"train.output={tmp_path / 'runs'}", "train.device=cpu",
-                                                f"data.protocol={protocol}", f"data.root={layout}", "train.epochs=1",
-                                                "data.val_fraction=0.5"])  # the seed protocol needs a val split
+    cfg = tiny_run_config(f"data.protocol={protocol}", "train.epochs=1", "data.val_fraction=0.5",  # seed needs a val
+                          root=layout, output=tmp_path / "runs")
     return train(cfg, quiet=True)
 
 

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from fervit.data.augment import normalize
 from fervit.data.dataset import load_fer
 from fervit.inference.predictor import shipped_model
-from fervit.training.checkpoint import load_model
+from fervit.models.checkpoint import load_model
 
 
 @pytest.fixture(scope="module")

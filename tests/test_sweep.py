@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import make_layout
+from helpers import tiny_run_config
 
 from fervit.cli import main
 from fervit.config import apply_overrides, load_preset
@@ -36,8 +37,7 @@ def layout(tmp_path_factory) -> Path:
 
 
 def base_config(layout: Path):
-    return apply_overrides(load_preset("tiny"), [f"data.root={layout}", f"data.cache_dir={layout.parent / 'cache'}",
-                                                 "train.device=cpu", *TRIAL_SETTINGS])
+    return tiny_run_config(*TRIAL_SETTINGS, root=layout)
 
 
 def test_two_workers_in_parallel_share_one_sqlite_study_and_both_trials_are_runs(layout, tmp_path, capsys):

@@ -130,7 +130,7 @@ def test_fine_tune_from_the_cli_then_predict_and_export_from_the_run(timm, tiny_
     results = json.loads((run / "results.json").read_text())
     assert results["model"] == "timm:resnet18" and 0.0 <= results["test"]["accuracy"] <= 1.0
 
-    from fervit.training.checkpoint import load_model
+    from fervit.models.checkpoint import load_model
 
     model, _ = load_model(run)  # rebuilt from the JSON description; the weights file is not needed again
     assert model.backbone.conv1.weight.shape == (64, 1, 7, 7)

@@ -17,7 +17,7 @@ from fervit.data.dataset import CLASSES, load_fer
 from fervit.data.splits import make_splits
 from fervit.evaluation.evaluate import evaluate
 from fervit.evaluation.rerun import evaluate_checkpoint
-from fervit.training.checkpoint import load_model
+from fervit.models.checkpoint import load_model
 from fervit.training.trainer import train
 
 ARTIFACTS = ("config.json", "best_model.safetensors", "best_model.json", "training_metrics.csv", "loss_curve.png",
@@ -85,7 +85,7 @@ def test_results_json_reports_test_metrics_consistent_with_its_confusion_matrix(
 def test_evaluate_reproduces_the_saved_test_accuracy(finished_run, real_slice, tmp_path):
     saved = json.loads((finished_run / "results.json").read_text())["test"]["accuracy"]
     model, meta = load_model(finished_run)
-    assert meta["classes"] == list(CLASSES)
+    assert meta.classes == list(CLASSES)
     s = make_splits(real_slice, "fer2013")
     again = evaluate(model, real_slice.images, real_slice.labels, s.test)
     assert again["acc"] == pytest.approx(saved)
@@ -110,10 +110,46 @@ def test_the_same_seed_gives_the_same_numbers(real_slice, tmp_path):
     assert results[0]["test"]["confusion_matrix"] == results[1]["test"]["confusion_matrix"]
 
 
-def test_class_weights_and_balanced_sampler_train(real_slice, tmp_path):
-    run = train(tiny_cfg(tmp_path, "train.epochs=1", "optim.class_weights=balanced", "optim.sampler=balanced"),
-                quiet=True, data=real_slice)
-    assert "disgusted" in json.loads((run / "results.json").read_text())["test"]["per_class"]
+def spy_on_epochs(monkeypatch) -> list:
+    """Record the EpochParts of every epoch the trainer runs."""
+    import fervit.training.trainer as trainer
+
+    seen, real_epoch = [], trainer.train_one_epoch
+
+    def spy(parts, bar=None):
+        seen.append(parts)
+        return real_epoch(parts, bar)
+
+    monkeypatch.setattr(trainer, "train_one_epoch", spy)
+    return seen
+
+
+def few_disgusted(real_slice):
+    """The slice with 4 training faces of "disgusted" instead of 40: a uniform draw gives it 4 of 244."""
+    keep = [i for i in range(len(real_slice))
+            if not (real_slice.labels[i] == 1 and real_slice.usage[i] == 1) or i % 10 == 0]
+    return real_slice.subset(keep)
+
+
+def test_balanced_class_weights_weigh_the_loss_by_inverse_frequency(real_slice, tmp_path, monkeypatch):
+    seen = spy_on_epochs(monkeypatch)
+    train(tiny_cfg(tmp_path, "train.epochs=1", "optim.class_weights=balanced"), quiet=True,
+          data=few_disgusted(real_slice))
+    (parts,) = seen
+    expected = torch.full((7,), 244 / (7 * 40))
+    expected[1] = 244 / (7 * 4)
+    assert torch.allclose(parts.loss_weights.cpu(), expected) and parts.sample_weights is None
+
+
+def test_the_balanced_sampler_draws_every_class_about_equally_often(real_slice, tmp_path, monkeypatch):
+    from fervit.training.epoch import epoch_order
+
+    seen = spy_on_epochs(monkeypatch)
+    train(tiny_cfg(tmp_path, "train.epochs=1", "optim.sampler=balanced"), quiet=True, data=few_disgusted(real_slice))
+    (parts,) = seen
+    draws = torch.cat([parts.labels[epoch_order(parts)] for _ in range(20)]).cpu()
+    share = torch.bincount(draws, minlength=7).float() / len(draws)
+    assert share.min() > 0.11 and share.max() < 0.18 and parts.loss_weights is None  # 1/7 = 0.143
 
 
 def test_cli_train_then_evaluate_then_runs(real_data, tmp_path):
@@ -168,11 +204,18 @@ def test_evaluate_an_ensemble_needs_an_output_folder(finished_run, real_data):
         evaluate_checkpoint([str(finished_run), str(finished_run)], data_root=str(real_data))
 
 
-def test_early_stopping_ends_a_run_that_stops_improving(real_slice, tmp_path):
-    run = train(tiny_cfg(tmp_path, "train.epochs=6", "optim.lr=0", "train.early_stop_patience=1"), quiet=True,
-                data=real_slice)
+def test_early_stopping_ends_a_run_that_stops_improving(real_slice, tmp_path, monkeypatch):
+    import fervit.training.trainer as trainer
+
+    real_eval, accuracies = trainer.evaluate_split, iter([0.3, 0.5, 0.5, 0.4, 0.9, 0.9])
+
+    def plateau_after_epoch_2(*args, **kwargs):  # validation accuracy as scripted, whatever the weights
+        return {**real_eval(*args, **kwargs), "acc": next(accuracies)}
+
+    monkeypatch.setattr(trainer, "evaluate_split", plateau_after_epoch_2)
+    run = train(tiny_cfg(tmp_path, "train.epochs=6", "train.early_stop_patience=2"), quiet=True, data=real_slice)
     res = json.loads((run / "results.json").read_text())
-    assert res["epochs_completed"] == 2 and res["best_epoch"] == 1  # lr 0: epoch 2 cannot beat epoch 1
+    assert res["epochs_completed"] == 4 and res["best_epoch"] == 2 and "early stop" in res["stopped"]
 
 
 def test_time_budget_caps_the_epochs_after_the_second(real_slice, tmp_path):

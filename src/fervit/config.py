@@ -8,10 +8,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Literal
 
 from fervit.errors import FervitError
 
@@ -19,7 +21,8 @@ from fervit.errors import FervitError
 @dataclass
 class DataConfig:
     root: str = ""  # empty: $FERVIT_DATA, else data/emotion_detection_fer
-    protocol: str = "seed"  # seed: 90/10 split of train/; fer2013: Training/PublicTest/PrivateTest
+    # seed: 90/10 split of train/; fer2013: Training/PublicTest/PrivateTest
+    protocol: Literal["seed", "fer2013"] = "seed"
     val_fraction: float = 0.1
     split_seed: int = 0
     cache_dir: str = ""  # empty: the user's cache dir (platformdirs)
@@ -44,6 +47,15 @@ class AugmentConfig:
     cutmix_alpha: float = 0.0  # 0 disables
     mix_p: float = 1.0  # probability that a batch is mixed when mixup/cutmix is on
 
+    def scaled(self, strength: float) -> AugmentConfig:
+        """A copy with every geometric and photometric amount times `strength` (0: none, 1: as is); the
+        crop keeps at least 5% of the area and erasing stays a probability."""
+        lo, hi = self.scale
+        return dataclasses.replace(
+            self, rotation=self.rotation * strength, translate=self.translate * strength,
+            brightness=self.brightness * strength, contrast=self.contrast * strength,
+            erase_p=min(self.erase_p * strength, 1.0), scale=(min(max(1 - (1 - lo) * strength, 0.05), hi), hi))
+
 
 @dataclass
 class ModelConfig:
@@ -60,7 +72,8 @@ class ModelConfig:
     attn_dropout: float = 0.0
     drop_path: float = 0.0
     head_hidden: int = 192  # 0: a single linear head
-    pool: str = "cls"  # what the head reads: cls (the [CLS] token) | mean (the average of the other tokens)
+    # what the head reads: cls (the [CLS] token) | mean (the average of the other tokens)
+    pool: Literal["cls", "mean"] = "cls"
     stem_channels: tuple[int, ...] = (32, 64)  # vit_cnn: one stage per entry, each halves H and W
     stem_convs: int = 1  # vit_cnn: 3x3 conv+BN+ReLU layers per stage before its max-pool
     stem_blocks: int = 2  # vit_resnet: residual blocks per stage (stages after the first halve H and W)
@@ -73,16 +86,23 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
+    name: Literal["adamw", "sgd"] = "adamw"
     lr: float = 3e-4
     weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = (0.9, 0.999)  # adamw only
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = True  # sgd only
+    schedule: Literal["cosine", "plateau"] = "cosine"  # after the warmup: cosine decay, or drops on a plateau
     warmup_epochs: float = 5.0
-    min_lr_ratio: float = 0.01  # cosine decays to lr * min_lr_ratio
+    min_lr_ratio: float = 0.01  # the lr never falls below lr * min_lr_ratio (cosine ends there)
+    plateau_factor: float = 0.5  # plateau: multiply the lr by this ...
+    plateau_patience: int = 5  # ... after this many epochs without a better validation accuracy
     label_smoothing: float = 0.1
-    class_weights: str = "none"  # none | balanced (inverse class frequency)
-    sampler: str = "uniform"  # uniform | balanced (each class equally likely per draw)
+    class_weights: Literal["none", "balanced"] = "none"  # none | balanced (inverse class frequency)
+    sampler: Literal["uniform", "balanced"] = "uniform"  # uniform | balanced (each class equally likely per draw)
     grad_clip: float = 1.0  # 0 disables
     ema_decay: float = 0.0  # 0 disables; otherwise the EMA weights are evaluated and saved
+    ema_warmup: bool = False  # the EMA's decay at update n is min(ema_decay, (1 + n) / (10 + n))
 
 
 @dataclass
@@ -91,12 +111,13 @@ class TrainConfig:
     batch_size: int = 128
     eval_batch_size: int = 1024
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    compile: str = "auto"  # auto (cuda only) | on | off
-    amp: str = "auto"  # auto (bf16 on cuda) | bf16 | off
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (checked against DEVICE_PATTERN)
+    compile: Literal["auto", "on", "off"] = "auto"  # auto (cuda only) | on | off
+    amp: Literal["auto", "bf16", "off"] = "auto"  # auto (bf16 on cuda) | bf16 | off
     early_stop_patience: int = 0  # epochs without a better val accuracy; 0 disables
     time_budget_s: float = 0.0  # >0: after epoch 2, cap epochs to fit this wall time; the cosine re-plans
-    tta: str = "none"  # final evaluation: none | mirror (face + mirror) | ten_crop (needs model.crop_size)
+    tta: Literal["none", "mirror", "ten_crop"] = "none"  # final evaluation: mirror (face + mirror) | ten_crop
+    #                                                      (corners + centre, mirrored; needs model.crop_size)
     output: str = "runs"
     threads: int = 0  # CPU threads for torch; 0: torch's default
 
@@ -114,10 +135,12 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:
-        return _from_dict(cls, d, "")
+        return from_dict(cls, d, "")
 
 
-def _from_dict(cls, d: dict, prefix: str):
+def from_dict(cls, d: dict, prefix: str = ""):
+    """Build the config dataclass `cls` (a section or the whole tree) from JSON, every value checked
+    against its declared type; `prefix` names the section in errors (e.g. "model.")."""
     if not isinstance(d, dict):
         raise FervitError(f"config section '{prefix or 'root'}' must be a JSON object, got {type(d).__name__}")
     hints = typing.get_type_hints(cls)
@@ -129,15 +152,29 @@ def _from_dict(cls, d: dict, prefix: str):
     for name, value in d.items():
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            kwargs[name] = _from_dict(hint, value, f"{prefix}{name}.")
+            kwargs[name] = from_dict(hint, value, f"{prefix}{name}.")
         else:
             kwargs[name] = _coerce(value, hint, f"{prefix}{name}")
     return cls(**kwargs)
 
 
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+# values older config files hold for a key that has since become a choice of names
+LEGACY_VALUES = {"train.tta": {False: "none", True: "mirror", "false": "none", "true": "mirror"}}
+
+
 def _coerce(value, hint, key: str):
     """Turn a JSON value or a command-line string into the field's declared type."""
     origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if isinstance(value, (str, bool)):
+            value = LEGACY_VALUES.get(key, {}).get(value.lower() if isinstance(value, str) else value, value)
+        if value not in choices:
+            raise FervitError(f"config key '{key}' must be one of {', '.join(choices)}, got {value!r}")
+        return value
+    if key.endswith("train.device") and not (isinstance(value, str) and DEVICE_PATTERN.fullmatch(value)):
+        raise FervitError(f"config key '{key}' must be auto, cpu, mps, cuda or cuda:N, got {value!r}")
     if origin is tuple:
         if isinstance(value, str):
             value = [v for v in value.strip("()[] ").split(",") if v.strip()]

@@ -92,16 +92,12 @@ def suggest(trial, space: dict, base: RunConfig) -> dict:
 def apply_params(base: RunConfig, params: dict) -> RunConfig:
     """A copy of `base` with the trial's values, derived keys expanded into real config fields."""
     cfg = copy.deepcopy(base)
+    if "augment.strength" in params:  # first, so that a trial's own augment.* values are kept as drawn
+        cfg.augment = base.augment.scaled(params["augment.strength"])
     plain = {k: v for k, v in params.items() if k not in DERIVED}
     apply_overrides(cfg, [f"{k}={v}" for k, v in plain.items()])
     if "model.mlp_ratio" in params:
         cfg.model.mlp_dim = int(params["model.mlp_ratio"] * cfg.model.embed_dim)
-    if "augment.strength" in params:
-        s, a, b = params["augment.strength"], cfg.augment, base.augment
-        a.rotation, a.translate = b.rotation * s, b.translate * s
-        a.brightness, a.contrast = b.brightness * s, b.contrast * s
-        a.erase_p = min(b.erase_p * s, 1.0)
-        a.scale = (min(max(1 - (1 - b.scale[0]) * s, 0.05), b.scale[1]), b.scale[1])
     if cfg.model.embed_dim % cfg.model.num_heads:
         raise InvalidTrial(f"the search space allows embed_dim {cfg.model.embed_dim} with {cfg.model.num_heads} "
                           "heads, which do not divide; give dims that every head count divides")
@@ -168,7 +164,8 @@ def run_sweep(base: RunConfig, *, study_name: str = "fervit", storage: str | Non
     """
     optuna = _optuna()
     from fervit.data.dataset import load_fer
-    from fervit.training.trainer import resolve_device, train
+    from fervit.device import resolve_device
+    from fervit.training.trainer import train
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     folder = Path(output) / study_name

@@ -35,7 +35,8 @@ from fervit.data.dataset import LAYOUT_HINT, load_fer
 from fervit.errors import FervitError
 from fervit.evaluation.evaluate import autocast, evaluate
 from fervit.models import build_model, count_parameters
-from fervit.training.trainer import build_optimizer, maybe_compile, optimizer_step, resolve_amp, train_one_epoch
+from fervit.device import resolve_amp
+from fervit.training.epoch import EpochParts, build_optimizer, maybe_compile, optimizer_step, train_one_epoch
 
 FER2013_EPOCH = 28_709  # images in FER-2013's train/ folder: what "seconds per epoch" means
 
@@ -220,7 +221,8 @@ def _bench_model(name: str, preset: RunConfig, cfg: BenchConfig, device, images,
     # fervit: the trainer's own epoch function on a random subset of train/ that holds k batches
     def fervit_steps(k: int) -> None:
         subset = train_dev[torch.randperm(len(train_dev), generator=gen, device=device)[:k * bs]]
-        train_one_epoch(train_model, None, images, labels, subset, optimizer, scheduler, preset, gen, amp, None)
+        train_one_epoch(EpochParts(preset, train_model, optimizer, scheduler, images, labels, subset, gen,
+                                   amp_dtype=amp))
 
     reset_peak_memory(device)
     if warmup:

@@ -25,6 +25,21 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict", action="store_true", help="fail on corrupt image files instead of skipping them")
 
 
+# command-line flag (argparse dest) -> the config key it sets; a command offers any subset of these
+FLAG_KEYS = {"data": "data.root", "cache_dir": "data.cache_dir", "protocol": "data.protocol",
+             "epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "optim.lr", "output": "train.output",
+             "device": "train.device", "seed": "train.seed"}
+
+
+def flag_overrides(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> list[str]:
+    """`section.key=value` overrides for the config flags given on the command line, then --set ones."""
+    overrides = [f"{key}={getattr(args, dest)}" for dest, key in FLAG_KEYS.items()
+                 if dest not in skip and getattr(args, dest, None) is not None]
+    if getattr(args, "strict", False):
+        overrides.append("data.strict=true")
+    return overrides + list(getattr(args, "set", []))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fervit import __version__
 

@@ -51,7 +51,7 @@ def run_bench(args) -> int:
     from fervit.benchmark import bench_config, format_table, run_benchmark
     from fervit.config import resolve_data_root
     from fervit.io import write_json
-    from fervit.training.trainer import resolve_device
+    from fervit.device import resolve_device
 
     if args.json and not Path(args.json).expanduser().parent.is_dir():
         raise FervitError(f"the folder for --json '{args.json}' does not exist; create it or pick another path")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from fervit.cli import add_data_args
+from fervit.cli import add_data_args, flag_overrides
 
 
 def add_parser(sub) -> None:
@@ -41,12 +41,7 @@ def run_sweep_command(args) -> int:
     from fervit.training.resume import EXIT_REQUEUE, Preempted
 
     cfg = load_preset(args.preset)
-    direct = {"data.root": args.data, "data.cache_dir": args.cache_dir, "data.protocol": args.protocol,
-              "train.epochs": args.epochs, "train.device": args.device}
-    overrides = [f"{k}={v}" for k, v in direct.items() if v is not None]
-    if args.strict:
-        overrides.append("data.strict=true")
-    apply_overrides(cfg, overrides + args.set)
+    apply_overrides(cfg, flag_overrides(args, skip=("output",)))  # --output is where trials go, not a config key
     try:
         best = run_sweep(cfg, study_name=args.study, storage=args.storage, trials=args.trials,
                          max_study_trials=args.max_study_trials, timeout_s=args.timeout,

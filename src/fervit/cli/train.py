@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from fervit.cli import add_data_args
+from fervit.cli import add_data_args, flag_overrides
 from fervit.errors import FervitError
 
 
@@ -46,13 +46,7 @@ def config_from_args(args):
         cfg = load_run_config(args.resume)
     else:
         cfg = load_preset(args.preset or "vit_cnn")
-    direct = {"data.root": args.data, "data.cache_dir": args.cache_dir, "data.protocol": args.protocol,
-              "train.epochs": args.epochs, "train.batch_size": args.batch_size, "optim.lr": args.lr,
-              "train.output": args.output, "train.device": args.device, "train.seed": args.seed}
-    overrides = [f"{k}={v}" for k, v in direct.items() if v is not None]
-    if args.strict:
-        overrides.append("data.strict=true")
-    return apply_overrides(cfg, overrides + args.set)
+    return apply_overrides(cfg, flag_overrides(args))
 
 
 def run_train(args) -> int:

@@ -16,9 +16,10 @@ from fervit.config import AugmentConfig
 MEAN, STD = 0.5, 0.5  # pixel normalisation shared by training, evaluation and inference
 
 
-def normalize(images_u8: torch.Tensor) -> torch.Tensor:
-    """(B, H, W) uint8 -> (B, 1, H, W) float32 in [-1, 1]: the deterministic eval transform."""
-    return (images_u8.unsqueeze(1).float() / 255.0 - MEAN) / STD
+def normalize(images_u8: torch.Tensor, mean: float = MEAN, std: float = STD) -> torch.Tensor:
+    """(B, H, W) uint8 -> (B, 1, H, W) float32, (x/255 - mean) / std: the deterministic eval transform.
+    Inference passes the mean and std its model file records; fervit trains with MEAN and STD ([-1, 1])."""
+    return (images_u8.unsqueeze(1).float() / 255.0 - mean) / std
 
 
 TTA_MODES = ("none", "mirror", "ten_crop")

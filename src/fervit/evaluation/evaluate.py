@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
@@ -11,14 +10,9 @@ import torch.nn.functional as F
 
 from fervit.data.augment import normalize, tta_mode, tta_views
 from fervit.data.dataset import CLASSES
+from fervit.device import autocast
 from fervit.evaluation.metrics import classification_report, confusion_matrix
 from fervit.evaluation.plots import confusion_matrix_png
-
-
-def autocast(device: torch.device, amp_dtype: torch.dtype | None):
-    if amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
 def model_crop_size(model: nn.Module) -> int:

@@ -16,18 +16,18 @@ from fervit.evaluation.plots import curves_png
 from fervit.io import write_json
 from fervit.models import count_parameters, model_label
 from fervit.runs import read_metrics_csv, read_run_config
-from fervit.training.checkpoint import find_checkpoint, load_model
-from fervit.training.trainer import resolve_amp, resolve_device
+from fervit.device import resolve_amp, resolve_device
+from fervit.models.checkpoint import ModelFile, find_checkpoint, load_model
 
 
 def split_config_from_meta(weights: Path) -> RunConfig:
     """For a checkpoint away from its run folder (e.g. the shipped model): the data split recorded in its JSON
     description, so it is still evaluated on the images it was not trained on."""
     try:
-        meta = json.loads(weights.with_suffix(".json").read_text())
-        return RunConfig.from_dict({"data": meta.get("split") or {"protocol": meta["protocol"]}})
-    except (OSError, ValueError, KeyError, AttributeError, TypeError, FervitError):
+        split = ModelFile.read(weights).split
+    except FervitError:
         return RunConfig()  # load_model reports a missing or damaged description in its own words
+    return RunConfig(data=split.data_config()) if split is not None else RunConfig()
 
 
 def evaluate_checkpoint(checkpoint: str | list[str], split: str = "test", data_root: str | None = None,
@@ -87,10 +87,10 @@ def evaluate_checkpoint(checkpoint: str | list[str], split: str = "test", data_r
             results = json.loads(results_path.read_text())
         except json.JSONDecodeError:
             results = {}
-    results.update({"model": model_label(meta["model"]["name"], meta["model"].get("backbone", "")),
+    results.update({"model": model_label(meta.model.name, meta.model.backbone),
                     "params": sum(count_parameters(m) for m, _ in models),
                     "protocol": cfg.data.protocol, "data_root": str(cfg.data.root),
-                    "split_sizes": splits.sizes(), "classes": meta["classes"], "checkpoint": str(weights) if len(models) == 1 else [str(w) for w in all_weights]})
+                    "split_sizes": splits.sizes(), "classes": meta.classes, "checkpoint": str(weights) if len(models) == 1 else [str(w) for w in all_weights]})
     results[split] = {**report, "tta": tta}
     write_json(results_path, results)
     metrics_csv = run_dir / "training_metrics.csv"
@@ -99,7 +99,7 @@ def evaluate_checkpoint(checkpoint: str | list[str], split: str = "test", data_r
         if rows:
             curves_png(rows, "loss", out_dir / "loss_curve.png", "cross-entropy loss")
             curves_png(rows, "acc", out_dir / "accuracy_curve.png", "accuracy")
-    what = meta["model"]["name"] if len(models) == 1 else f"ensemble of {len(models)}"
+    what = meta.model.name if len(models) == 1 else f"ensemble of {len(models)}"
     return (f"{what}{'' if tta == 'none' else f' +{tta}'} on {cfg.data.protocol}/{split} ({len(idx)} images): accuracy "
             f"{report['accuracy']:.4f}, macro F1 {report['macro_avg']['f1']:.4f} -> {results_path}")
 

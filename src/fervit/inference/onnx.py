@@ -21,6 +21,7 @@ from fervit.data.augment import normalize
 from fervit.data.dataset import load_fer
 from fervit.errors import FervitError
 from fervit.io import atomic_write
+from fervit.models.checkpoint import ModelFile
 
 OPSET = 20
 META_KEY = "fervit"
@@ -36,13 +37,13 @@ def _require(module: str):
         raise FervitError(f"ONNX support needs {module}: pip install 'fervit[onnx]'") from None
 
 
-def export_onnx(model: torch.nn.Module, meta: dict, path: str | os.PathLike, opset: int = OPSET) -> Path:
+def export_onnx(model: torch.nn.Module, meta: ModelFile, path: str | os.PathLike, opset: int = OPSET) -> Path:
     """Write `model` as one .onnx file taking (batch, 1, 48, 48) float32 'image' -> (batch, C) 'logits'."""
     _require("onnxscript")
     onnx = _require("onnx")
     path = Path(path)
-    size = int(meta["input"]["size"])
-    example = torch.zeros(2, 1, size, size)  # batch 2, not 1: a batch of 1 could be specialised away
+    size = meta.input.size
+    example = torch.zeros(2, meta.input.channels, size, size)  # batch 2, not 1: a batch of 1 could be specialised away
     # the exporter prints progress lines and deprecation warnings that say nothing to a fervit user
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -50,7 +51,7 @@ def export_onnx(model: torch.nn.Module, meta: dict, path: str | os.PathLike, ops
                                     dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), opset_version=opset,
                                     dynamo=True, verbose=False)
     proto = program.model_proto
-    onnx.helper.set_model_props(proto, {META_KEY: json.dumps(meta)})
+    onnx.helper.set_model_props(proto, {META_KEY: json.dumps(meta.to_dict())})
     with atomic_write(path, "wb") as f:
         f.write(proto.SerializeToString())
     return path
@@ -69,7 +70,7 @@ class OnnxClassifier:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
 
-def load_onnx(path: str | os.PathLike, threads: int = 0) -> tuple[OnnxClassifier, dict]:
+def load_onnx(path: str | os.PathLike, threads: int = 0) -> tuple[OnnxClassifier, ModelFile]:
     """(classifier, model description) for an .onnx file written by `export_onnx`; one-line errors otherwise."""
     ort = _require("onnxruntime")
     path = Path(path)
@@ -93,7 +94,7 @@ def load_onnx(path: str | os.PathLike, threads: int = 0) -> tuple[OnnxClassifier
     if not isinstance(meta, dict):
         raise FervitError(f"'{path}' was not written by `fervit export` (no '{META_KEY}' metadata); "
                           "export the run folder with `fervit export`")
-    return OnnxClassifier(session), meta
+    return OnnxClassifier(session), ModelFile.from_dict(meta, path)
 
 
 def real_test_slice(root: str | os.PathLike, n: int = 512) -> tuple[np.ndarray, np.ndarray]:
@@ -132,12 +133,12 @@ class ParityReport:
 
 @torch.inference_mode()
 def check_parity(model: torch.nn.Module, onnx_classifier: OnnxClassifier, images: np.ndarray, labels: np.ndarray,
-                 batch_size: int = 256) -> ParityReport:
+                 meta: ModelFile, batch_size: int = 256) -> ParityReport:
     """Run both backends on (N, 48, 48) uint8 faces and compare logits, probabilities and accuracy."""
     model.eval()
     t_logits, o_logits = [], []
     for start in range(0, len(images), batch_size):
-        x = normalize(torch.from_numpy(images[start:start + batch_size]))
+        x = normalize(torch.from_numpy(images[start:start + batch_size]), meta.input.mean, meta.input.std)
         t_logits.append(model(x).float().numpy())
         o_logits.append(onnx_classifier(x.numpy()))
     t, o = np.concatenate(t_logits), np.concatenate(o_logits)
@@ -161,7 +162,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike |
     Raises `FervitError` when the check fails; `check_images=0` skips it.
     """
     from fervit.config import resolve_data_root
-    from fervit.training.checkpoint import find_checkpoint, load_model
+    from fervit.models.checkpoint import find_checkpoint, load_model
 
     weights = find_checkpoint(checkpoint)
     model, meta = load_model(weights, "cpu")
@@ -174,7 +175,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike |
         return out, None
     images, labels = real_test_slice(resolve_data_root(data_root or ""), check_images)
     classifier, _ = load_onnx(out)
-    report = check_parity(model, classifier, images, labels)
+    report = check_parity(model, classifier, images, labels, meta)
     if not report.ok:
         raise FervitError(f"the ONNX export '{out}' disagrees with PyTorch: {report.summary()}")
     return out, report

@@ -19,7 +19,7 @@ from fervit.data.dataset import IMG_SIZE
 from fervit.errors import FervitError
 from fervit.inference.faces import (MARGIN, MAX_PIXELS, Box, FaceDetector, ImageError, face_crop, is_face_crop,
                                     open_image, to_face, to_gray)
-from fervit.training.checkpoint import WEIGHTS_NAME
+from fervit.models.checkpoint import WEIGHTS_NAME, ModelFile
 
 DETECT_MODES = ("auto", "always", "never")  # auto: small images are face crops, larger ones are searched
 RUNS_DIR = "runs"
@@ -93,15 +93,9 @@ def default_model() -> Path:
     return path
 
 
-def check_meta(meta: dict, source: Path) -> list[str]:
+def check_meta(meta: ModelFile, source: Path) -> list[str]:
     """The class names of a fervit model description; a one-line error if it cannot take 48x48 gray faces."""
-    try:
-        classes = list(meta["classes"])
-        size, channels = int(meta["input"]["size"]), int(meta["input"]["channels"])
-        num_classes = int(meta["model"]["num_classes"])
-    except (KeyError, TypeError, ValueError):
-        raise FervitError(f"'{source}' lacks the classes/input/model fields of a fervit model description; "
-                          "give a run folder or checkpoint written by `fervit train` or `fervit export`") from None
+    classes, size, channels, num_classes = meta.classes, meta.input.size, meta.input.channels, meta.model.num_classes
     if (size, channels) != (IMG_SIZE, 1):
         raise FervitError(f"'{source}' expects {size}x{size} images with {channels} channel(s); fervit's face "
                           f"crops are {IMG_SIZE}x{IMG_SIZE} grayscale")
@@ -116,7 +110,7 @@ def load_classifier(model: str | os.PathLike | None = None, backend: str = "auto
     backend "auto" follows the file: .onnx -> ONNX Runtime, else PyTorch; "onnx" with a run folder or
     checkpoint uses the .onnx written beside it by `fervit export`.
     """
-    from fervit.training.checkpoint import find_checkpoint, load_model
+    from fervit.models.checkpoint import find_checkpoint, load_model
 
     if backend not in ("auto", "torch", "onnx"):
         raise FervitError(f"unknown backend '{backend}'; choose auto, torch or onnx")
@@ -134,7 +128,7 @@ def load_classifier(model: str | os.PathLike | None = None, backend: str = "auto
 
         classifier, meta = load_onnx(path)
     else:
-        from fervit.training.trainer import resolve_device
+        from fervit.device import resolve_device
 
         dev = resolve_device(device)
         net, meta = load_model(path, dev)
@@ -151,11 +145,11 @@ class Predictor:
     (the detector is not): a server serialises calls.
     """
 
-    def __init__(self, classifier, meta: dict, source: Path | None = None, margin: float = MARGIN,
+    def __init__(self, classifier, meta: ModelFile, source: Path | None = None, margin: float = MARGIN,
                  max_pixels: int = MAX_PIXELS, detector: FaceDetector | None = None, tta: str = "none"):
         self.classifier, self.meta, self.source = classifier, meta, source
-        self.classes = list(meta["classes"])
-        self.crop_size = int(meta["model"].get("crop_size") or 0)
+        self.classes = list(meta.classes)
+        self.crop_size = meta.model.crop_size
         try:
             self.tta = tta_mode(tta)
             tta_views(torch.zeros(1, 1, IMG_SIZE, IMG_SIZE), self.tta, self.crop_size)  # ten-crop needs a crop model
@@ -185,8 +179,8 @@ class Predictor:
         """(N, 48, 48) uint8 faces -> (N, C) probabilities, in one forward pass."""
         if len(faces) == 0:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
-        x = tta_views(normalize(torch.from_numpy(np.ascontiguousarray(faces))), self.tta, self.crop_size)
-        logits = self.classifier(x.numpy()).astype(np.float64)
+        x = normalize(torch.from_numpy(np.ascontiguousarray(faces)), self.meta.input.mean, self.meta.input.std)
+        logits = self.classifier(tta_views(x, self.tta, self.crop_size).numpy()).astype(np.float64)
         logp = logits - logits.max(axis=1, keepdims=True)
         logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
         logp = logp.reshape(-1, len(faces), logp.shape[1]).mean(axis=0)  # TTA: mean log-probability of the views

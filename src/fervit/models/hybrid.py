@@ -85,9 +85,6 @@ class ResNetViTEmotion(nn.Module):
         x = self.stem(x)  # (B, C, s, s)
         return self.encoder(self.proj(x.flatten(2).transpose(1, 2)))  # tokens (B, s*s, D)
 
-    def no_weight_decay(self) -> set[str]:
-        return {"encoder.cls_token", "encoder.pos_embed"}
-
 
 @register_model("vit_resnet")
 def vit_resnet(cfg: ModelConfig) -> nn.Module:

@@ -50,3 +50,14 @@ def model_label(name: str, backbone: str = "") -> str:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Full names of the parameters that take no weight decay, as the model's modules declare them in a
+    `no_weight_decay()` method (timm's convention: names relative to the declaring module)."""
+    names = set()
+    for prefix, module in model.named_modules():
+        declare = getattr(module, "no_weight_decay", None)
+        if callable(declare):
+            names |= {f"{prefix}.{n}" if prefix else n for n in declare()}
+    return names

@@ -39,6 +39,10 @@ class Encoder(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
+    def no_weight_decay(self) -> set[str]:
+        """Learned tokens and positions: decaying them towards zero only blurs the sequence."""
+        return {"cls_token", "pos_embed"}
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         B = tokens.shape[0]
         x = torch.cat([self.cls_token.expand(B, -1, -1), tokens], dim=1)  # (B, 1 + T, C)

@@ -34,7 +34,7 @@ from fervit.config import RunConfig
 from fervit.errors import FervitError
 from fervit.io import atomic_write, write_json
 from fervit.runs import read_run_config
-from fervit.training.checkpoint import WEIGHTS_NAME, unwrap
+from fervit.models.checkpoint import WEIGHTS_NAME, unwrap
 from fervit.training.distributed import DistContext, gather_tensors
 
 FORMAT = "fervit-resume/1"
@@ -122,6 +122,8 @@ def recipe_hash(cfg: RunConfig) -> str:
 
 def check_config(saved: dict, cfg: RunConfig, run_dir: Path) -> None:
     """Raise a one-line FervitError naming the first recipe key that differs from the checkpoint's config."""
+    with contextlib.suppress(FervitError):  # keys added to the config since then take their (old-behaviour) defaults
+        saved = RunConfig.from_dict(saved).to_dict()
     saved_recipe = json.loads(json.dumps(recipe(saved)))
     new_recipe = json.loads(json.dumps(recipe(cfg.to_dict())))
     for section in sorted(set(saved_recipe) | set(new_recipe)):

@@ -1,224 +1,86 @@
 """Training: the dataset lives on the device as uint8; batches are indexed and augmented there.
 
-`train_one_epoch` and `evaluate` are the two halves; `train` wires data, model, optimiser and the
-run folder together and always finishes the run folder, also after Ctrl-C.
+`train` reads top to bottom: check the request, load the data, set up (`set_up`: model, optimiser,
+schedule, EMA, maybe a resumed state), then `run_epoch` until done, then `finish` (reload the best
+model, evaluate val and test, write results). One epoch's training is `train_one_epoch`
+(fervit.training.epoch). The run folder is always finished, also after Ctrl-C.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import time
-import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fervit.config import RunConfig, resolve_data_root
-from fervit.data.augment import augment_batch, mix_batch, tta_mode
 from fervit.data.dataset import CLASSES, FerData, load_fer
 from fervit.data.splits import Splits, make_splits
+from fervit.device import resolve_amp, resolve_device  # noqa: F401  (resolve_device: the trainer's device rule)
 from fervit.errors import FervitError
-from fervit.evaluation.evaluate import autocast, evaluate, split_report
+from fervit.evaluation.evaluate import evaluate, split_report
 from fervit.evaluation.metrics import confusion_matrix
 from fervit.evaluation.plots import curves_png
 from fervit.io import write_json
 from fervit.models import build_model, count_parameters, model_label
+from fervit.models.checkpoint import WEIGHTS_NAME, describe, load_model, save_model
 from fervit.runs import make_run_dir, write_metrics_csv
-from fervit.training.checkpoint import WEIGHTS_NAME, load_model, save_model, unwrap
 from fervit.training.distributed import (DistContext, all_reduce_sum, any_rank, barrier, broadcast_value, close,
                                         init_distributed, wrap_model)
-from fervit.training.resume import (CheckpointWriter, Preempted, StopNow, StopSignals, data_fingerprint,
-                                    has_checkpoint, load_last, remove_last, restore, restore_rng, validate)
+from fervit.training.epoch import (EpochParts, build_ema, build_optimizer, class_weights, maybe_compile,
+                                   train_one_epoch)
+from fervit.training.resume import (CheckpointWriter, Preempted, ResumeState, StopNow, StopSignals,
+                                    data_fingerprint, has_checkpoint, load_last, remove_last, restore, restore_rng,
+                                    validate)
+from fervit.training.schedule import WarmupCosine, WarmupPlateau, apply_now, build_schedule
 from fervit.training.tensorboard import TensorBoardLog
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise FervitError(f"device '{name}' was asked for but CUDA is not available here; use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise FervitError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
+@dataclass
+class TrainState:
+    """Where a run stands between two epochs, apart from tensors: what resume saves and restores whole."""
+
+    epochs: int  # planned; the time budget may lower it after epoch 2
+    epoch: int = 0  # epochs finished
+    rows: list[dict] = field(default_factory=list)  # one metrics row per finished epoch
+    best_acc: float = -1.0
+    best_epoch: int = 0
+    stale: int = 0  # epochs since the best one
+    stop_reason: str = ""  # set by early stopping or the sweep's pruner
+    elapsed_s: float = 0.0  # wall time so far, over every resume
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainState:
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
-def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    if name == "bf16":
-        return torch.bfloat16
-    if name == "off":
-        return None
-    raise FervitError(f"train.amp must be auto, bf16 or off, got '{name}'")
+@dataclass
+class Run:
+    """Everything `set_up` builds once: the run folder, the data on the device and the training parts."""
 
-
-class WarmupCosine:
-    """Linear warmup to 1, then cosine decay to min_ratio, as a multiplier of the base lr.
-
-    `total_steps` may be lowered mid-run (time budget): the cosine then re-plans from where it is.
-    """
-
-    def __init__(self, total_steps: int, warmup_steps: int, min_ratio: float):
-        self.total_steps, self.warmup_steps, self.min_ratio = total_steps, warmup_steps, min_ratio
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        progress = min((step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1), 1.0)
-        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Inverse class frequency, scaled so that a balanced dataset gets weight 1 everywhere."""
-    counts = torch.bincount(labels, minlength=num_classes).float().clamp(min=1)
-    return counts.sum() / (num_classes * counts)
-
-
-def build_optimizer(model: nn.Module, cfg: RunConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases, norms, the [CLS] token and positional embeddings."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or name.endswith(("cls_token", "pos_embed")) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, fused=device.type == "cuda")
-
-
-def optimizer_step(objective: torch.Tensor, model: nn.Module, optimizer, scheduler, grad_clip: float) -> None:
-    """Backward, optional gradient clipping, then one optimiser and one per-step schedule step."""
-    optimizer.zero_grad(set_to_none=True)
-    objective.backward()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    scheduler.step()
-
-
-def train_one_epoch(model, ema, images, labels, train_idx, optimizer, scheduler, cfg: RunConfig, gen,
-                    amp_dtype, loss_weights, sample_weights=None, bar=None, ctx: DistContext | None = None) -> dict:
-    """One pass over a fresh permutation (or balanced draw) of train_idx; metrics stay on device.
-
-    Under DDP (`ctx`) every rank draws the same permutation and augments the whole global batch, so the
-    shared generator stays in lockstep and the recipe is the single-process one; each rank then trains on
-    its slice, and the returned metrics are summed over ranks.
-    """
-    model.train()
-    rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
-    device = images.device
-    n = len(train_idx)
-    if sample_weights is not None:
-        order = train_idx[torch.multinomial(sample_weights, n, replacement=True, generator=gen)]
-    else:
-        order = train_idx[torch.randperm(n, generator=gen, device=device)]
-    bs = cfg.train.batch_size
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device)
-    mixing = cfg.augment.mixup_alpha > 0 or cfg.augment.cutmix_alpha > 0
-    # drop the last partial batch: equal shapes keep compiled graphs static, and the order is fresh each epoch
-    n_used = n if n <= bs else n - n % bs
-    for step, start in enumerate(range(0, n_used, bs)):
-        idx = order[start:start + bs]
-        y = labels[idx]
-        x = augment_batch(images[idx], cfg.augment, gen, cfg.model.crop_size)  # (B, 1, S, S) float32
-        target = y
-        if mixing:
-            x, target = mix_batch(x, y, cfg.augment, cfg.model.num_classes, gen)
-        y_all = y
-        if world > 1:
-            x, target, y = (t.tensor_split(world)[rank] for t in (x, target, y))
-        with autocast(device, amp_dtype):
-            logits = model(x)
-        if world == 1:
-            loss = F.cross_entropy(logits.float(), target, weight=loss_weights,
-                                   label_smoothing=cfg.optim.label_smoothing)
-            objective = loss
-        else:
-            loss = shard_loss(logits.float(), target, y_all, loss_weights, cfg.optim.label_smoothing)
-            objective = loss * world  # DDP averages gradients over ranks; the shares must add up instead
-        optimizer_step(objective, model, optimizer, scheduler, cfg.optim.grad_clip)
-        if ema is not None:
-            ema.update_parameters(unwrap(model))
-        loss_sum += loss.detach() * len(idx)
-        correct += (logits.detach().argmax(-1) == y).sum()
-        if bar is not None:
-            bar.update(len(idx))
-            if device.type == "cpu" and world == 1 and step % 10 == 0:  # a cheap read on CPU; on GPU per epoch
-                seen = start + len(idx)
-                bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}", acc=f"{float(correct) / seen:.3f}")
-    if world > 1:
-        totals = all_reduce_sum(torch.stack([loss_sum.double(), correct.double()]), ctx)
-        loss_sum, correct = totals[0], totals[1]
-    return {"loss": float(loss_sum) / n_used, "acc": float(correct) / n_used}
-
-
-def shard_loss(logits, target, y_global, loss_weights, label_smoothing: float) -> torch.Tensor:
-    """This rank's share of the global batch's mean loss: the shares of all ranks add up to exactly the
-    loss one process would compute on the whole batch (also with class weights, whose mean divides by the
-    summed weights of the global batch's labels)."""
-    total = F.cross_entropy(logits, target, weight=loss_weights, label_smoothing=label_smoothing, reduction="sum")
-    hard = target.dtype == torch.long
-    denom = loss_weights[y_global].sum() if hard and loss_weights is not None else len(y_global)
-    return total / denom
-
-
-def maybe_compile(model: nn.Module, mode: str, device: torch.device, example: torch.Tensor) -> nn.Module:
-    """torch.compile the model, proven by one forward+backward; any failure falls back to eager."""
-    if mode not in ("auto", "on", "off"):
-        raise FervitError(f"train.compile must be auto, on or off, got '{mode}'")
-    if mode == "off" or (mode == "auto" and device.type != "cuda"):
-        return model
-    snapshot = {k: v.clone() for k, v in model.state_dict().items()}  # the trial step must not train
-    try:
-        compiled = torch.compile(model)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            compiled(example).float().sum().backward()
-        return compiled
-    except Exception as e:  # compile is an optimisation: fall back to eager, loudly
-        warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); training eagerly",
-                      stacklevel=2)
-        return model
-    finally:
-        model.zero_grad(set_to_none=True)
-        model.load_state_dict(snapshot)
-
-
-def split_settings(cfg: RunConfig) -> dict:
-    """What rebuilds this run's train/val/test split; kept in the checkpoint's JSON so that a checkpoint
-    moved out of its run folder is still evaluated on images it never trained on."""
-    d = cfg.data
-    return {"protocol": d.protocol, "val_fraction": d.val_fraction, "split_seed": d.split_seed,
-            "drop_eval_duplicates": d.drop_eval_duplicates}
-
-
-def load_pretrained(model: nn.Module, path: str, log=print) -> None:
-    """Load matching weights from a local .safetensors file (a fervit checkpoint or a bare state dict)."""
-    from safetensors.torch import load_file
-
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise FervitError(f"model.pretrained '{p}' does not exist; give a local .safetensors file")
-    if p.suffix != ".safetensors":
-        raise FervitError(f"model.pretrained '{p}' is not a .safetensors file; fervit never loads pickled weights")
-    if hasattr(model, "load_pretrained"):  # e.g. a timm backbone: its own loader adapts stem, head and positions
-        model.load_pretrained(p, log)
-        return
-    try:
-        state = load_file(p)
-    except Exception as e:
-        raise FervitError(f"model.pretrained '{p}' is not a readable safetensors file ({e})") from None
-    own = model.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if not usable:
-        raise FervitError(f"no tensor in '{p}' matches this model's names and shapes; is it a checkpoint of "
-                          "another architecture?")
-    model.load_state_dict(usable, strict=False)
-    log(f"loaded {len(usable)}/{len(own)} tensors from {p}")
+    cfg: RunConfig
+    ctx: DistContext
+    run_dir: Path
+    data: FerData
+    splits: Splits
+    fingerprint: str  # of labels and splits: a resumed run must see the same examples
+    model: nn.Module  # plain, on the device
+    eval_model: nn.Module  # the EMA's copy when there is one, else `model`
+    parts: EpochParts  # what train_one_epoch uses
+    schedule: WarmupCosine | WarmupPlateau
+    steps_per_epoch: int
+    val_idx: torch.Tensor
+    n_params: int
+    log: Callable
+    quiet: bool
 
 
 def train(cfg: RunConfig, quiet: bool = False, data: FerData | None = None, *, run_dir: str | Path | None = None,
@@ -249,12 +111,59 @@ def train(cfg: RunConfig, quiet: bool = False, data: FerData | None = None, *, r
 
 def _train(cfg: RunConfig, quiet: bool, data: FerData | None, run_dir, resume: bool, ctx: DistContext,
            on_epoch, signals: StopSignals, t_start: float) -> Path:
-    device = ctx.device
-    amp_dtype = resolve_amp(cfg.train.amp, device)
+    check_request(cfg, ctx, run_dir, resume)
+    log = print if not quiet and ctx.is_main else (lambda *a: None)
+    data, splits = load_data(cfg, data, ctx, quiet)
+    fingerprint = data_fingerprint(data.labels, splits)
+    saved = None
+    if resume:
+        saved = load_last(run_dir)
+        if saved is not None:
+            validate(saved, cfg, ctx, fingerprint, Path(run_dir))
+        else:
+            log(f"{run_dir} has no checkpoint yet: starting it from epoch 1, which is where it was")
+    run = set_up(cfg, ctx, data, splits, fingerprint, saved, run_dir, signals, log, quiet)
+    state = TrainState(epochs=cfg.train.epochs)
+    if saved is not None:
+        state = resume_state(run, saved)
+        t_start = time.time() - state.elapsed_s
+    tb = TensorBoardLog(run.run_dir, CLASSES, start_epoch=state.epoch, enabled=ctx.is_main)
+    checkpoints = CheckpointWriter()
+    interrupted = False
+    try:
+        while state.epoch < state.epochs and not state.stop_reason:
+            row = run_epoch(run, state, tb)
+            plan_next(run, state, row, t_start, on_epoch)
+            preempted = any_rank(bool(signals.requested), ctx)
+            state.elapsed_s = time.time() - t_start
+            checkpoints.save(run.run_dir, ctx, cfg, model=run.model, ema=run.parts.ema, optimizer=run.parts.optimizer,
+                             scheduler=run.parts.scheduler, gen=run.parts.gen, progress=state.to_dict(),
+                             fingerprint=fingerprint)
+            if preempted:
+                checkpoints.wait()
+                tb.close()
+                raise Preempted(f"{signals.requested or 'a stop signal to another rank'}: stopped after epoch "
+                                f"{state.epoch} with a checkpoint; continue with `fervit train --resume "
+                                f"{run.run_dir}`", run.run_dir, state.epoch)
+            if state.stop_reason:
+                log(state.stop_reason)
+    except KeyboardInterrupt:
+        interrupted = True
+        log("interrupted: finishing the run folder with the best checkpoint so far")
+    except StopNow:
+        checkpoints.wait()  # the previous epoch's checkpoint is what a resume continues from
+        raise
+    checkpoints.wait()
+    tb.close()
+    return finish(run, state, interrupted, t_start)
+
+
+def check_request(cfg: RunConfig, ctx: DistContext, run_dir, resume: bool) -> None:
+    """Seed the RNGs, and one-line errors for a request that cannot run (before any data is read)."""
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
-    if ctx.enabled and device.type == "cuda":
+    if ctx.enabled and ctx.device.type == "cuda":
         torch.cuda.manual_seed(cfg.train.seed + ctx.rank)  # own dropout masks per rank; the CPU RNG stays shared
     if ctx.enabled and cfg.train.batch_size % ctx.world_size:
         raise FervitError(f"train.batch_size {cfg.train.batch_size} is the global batch and must split evenly "
@@ -265,20 +174,18 @@ def _train(cfg: RunConfig, quiet: bool, data: FerData | None, run_dir, resume: b
                               "(no config.json)")
         if (Path(run_dir) / "results.json").is_file() and not has_checkpoint(run_dir):
             raise FervitError(f"{run_dir} has already finished (results.json is written); start a new run instead")
-    log = print if not quiet and ctx.is_main else (lambda *a: None)
-    try:
-        tta = tta_mode(cfg.train.tta)
-    except ValueError as e:
-        raise FervitError(f"train.tta: {e}") from None
-    if tta == "ten_crop" and not cfg.model.crop_size:  # fail now, not after training
+    if cfg.train.tta == "ten_crop" and not cfg.model.crop_size:  # fail now, not after training
         raise FervitError("train.tta=ten_crop needs a model trained on crops (model.crop_size, e.g. 40); "
                           "use train.tta=mirror for a model that takes the whole face")
+
+
+def load_data(cfg: RunConfig, data: FerData | None, ctx: DistContext, quiet: bool) -> tuple[FerData, Splits]:
+    """The decoded dataset (rank 0 decodes and caches it first) and its train/val/test split."""
     if data is None:
-        root = resolve_data_root(cfg.data.root)
-        cfg.data.root = root
+        cfg.data.root = resolve_data_root(cfg.data.root)
         if not ctx.is_main:  # rank 0 decodes and writes the cache first; the others then read it
             barrier(ctx)
-        data = load_fer(root, cfg.data.cache_dir or None, cfg.data.strict, progress=not quiet and ctx.is_main)
+        data = load_fer(cfg.data.root, cfg.data.cache_dir or None, cfg.data.strict, progress=not quiet and ctx.is_main)
         if ctx.is_main:
             barrier(ctx)
     splits = make_splits(data, cfg.data.protocol, cfg.data.val_fraction, cfg.data.split_seed,
@@ -286,147 +193,132 @@ def _train(cfg: RunConfig, quiet: bool, data: FerData | None, run_dir, resume: b
     for name, size in splits.sizes().items():
         if size == 0:
             raise FervitError(f"the {cfg.data.protocol} protocol leaves the {name} split empty for this data")
-    fingerprint = data_fingerprint(data.labels, splits)
-    state = None
-    if resume:
-        state = load_last(run_dir)
-        if state is not None:
-            validate(state, cfg, ctx, fingerprint, Path(run_dir))
-        else:
-            log(f"{run_dir} has no checkpoint yet: starting it from epoch 1, which is where it was")
+    return data, splits
+
+
+def set_up(cfg: RunConfig, ctx: DistContext, data: FerData, splits: Splits, fingerprint: str,
+           saved: ResumeState | None, run_dir, signals: StopSignals, log, quiet: bool) -> Run:
+    """Build the model and the run folder, move the data to the device, build optimiser, schedule and EMA,
+    restore a saved state into them, and compile. The order is fixed: each step may draw random numbers."""
+    device = ctx.device
     model = build_model(cfg.model)
-    if cfg.model.pretrained and state is None:
+    if cfg.model.pretrained and saved is None:
         load_pretrained(model, cfg.model.pretrained, log)
     n_params = count_parameters(model)
-    if ctx.is_main:
-        if run_dir is None:
-            run_dir = make_run_dir(cfg.train.output, cfg)
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        if state is None:
-            write_json(Path(run_dir) / "config.json", cfg.to_dict())
-    run_dir = Path(broadcast_value(str(run_dir), ctx))
+    run_dir = open_run_dir(cfg, ctx, run_dir, fresh=saved is None)
     signals.run_dir = run_dir
     log(f"{cfg.model.name}: {n_params:,} parameters | device {device}"
         f"{f' x {ctx.world_size} processes' if ctx.enabled else ''} | protocol {cfg.data.protocol} "
         f"{splits.sizes()} | run {run_dir}")
-
     model.to(device)
     images, labels = data.images.to(device), data.labels.to(device)
-    train_idx, val_idx, test_idx = (s.to(device) for s in (splits.train, splits.val, splits.test))
+    train_idx, val_idx = splits.train.to(device), splits.val.to(device)
     gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
     steps_per_epoch = max(len(train_idx) // cfg.train.batch_size, 1)
-    total_steps = steps_per_epoch * cfg.train.epochs
     optimizer = build_optimizer(model, cfg, device)
-    schedule = WarmupCosine(total_steps, int(cfg.optim.warmup_epochs * steps_per_epoch), cfg.optim.min_lr_ratio)
+    schedule = build_schedule(cfg.optim, steps_per_epoch, cfg.train.epochs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     train_labels = labels[train_idx]
-    loss_weights = None
-    if cfg.optim.class_weights == "balanced":
-        loss_weights = class_weights(train_labels, cfg.model.num_classes)
-    elif cfg.optim.class_weights != "none":
-        raise FervitError(f"optim.class_weights must be none or balanced, got '{cfg.optim.class_weights}'")
-    sample_weights = None
-    if cfg.optim.sampler == "balanced":
-        sample_weights = class_weights(train_labels, cfg.model.num_classes)[train_labels]
-    elif cfg.optim.sampler != "uniform":
-        raise FervitError(f"optim.sampler must be uniform or balanced, got '{cfg.optim.sampler}'")
-    ema = None
-    if cfg.optim.ema_decay > 0:
-        ema = torch.optim.swa_utils.AveragedModel(
-            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.optim.ema_decay), use_buffers=True)
-    if state is not None:
-        restore(state, model=model, ema=ema, optimizer=optimizer, scheduler=scheduler, run_dir=run_dir, ctx=ctx)
+    weights = class_weights(train_labels, cfg.model.num_classes)
+    ema = build_ema(model, cfg)
+    if saved is not None:
+        restore(saved, model=model, ema=ema, optimizer=optimizer, scheduler=scheduler, run_dir=run_dir, ctx=ctx)
     side = cfg.model.crop_size or cfg.model.img_size  # what training feeds the model
     example = torch.zeros(cfg.train.batch_size // ctx.world_size, cfg.model.in_chans, side, side, device=device)
-    train_model = maybe_compile(wrap_model(model, ctx), cfg.train.compile, device, example)
-    eval_model = ema.module if ema is not None else model
+    parts = EpochParts(cfg, maybe_compile(wrap_model(model, ctx), cfg.train.compile, device, example), optimizer,
+                       scheduler, images, labels, train_idx, gen, ema, resolve_amp(cfg.train.amp, device),
+                       loss_weights=weights if cfg.optim.class_weights == "balanced" else None,
+                       sample_weights=weights[train_labels] if cfg.optim.sampler == "balanced" else None,
+                       ctx=ctx if ctx.enabled else None)
+    return Run(cfg, ctx, run_dir, data, splits, fingerprint, model, ema.module if ema is not None else model, parts,
+               schedule, steps_per_epoch, val_idx, n_params, log, quiet)
 
-    rows: list[dict] = []
-    best_acc, best_epoch, stale, epoch, stop_reason = -1.0, 0, 0, 0, ""
-    epochs = cfg.train.epochs
-    if state is not None:
-        p = state.progress
-        rows, best_acc, best_epoch, stale, epoch = p["rows"], p["best_acc"], p["best_epoch"], p["stale"], p["epoch"]
-        epochs, stop_reason, t_start = p["epochs"], p["stop_reason"], time.time() - p["elapsed_s"]
-        restore_rng(state, gen, ctx)  # last: building and compiling above may draw random numbers
-        if ctx.is_main:  # forget an epoch a killed process logged after its last checkpoint
-            write_metrics_csv(run_dir / "training_metrics.csv", rows)
-        log(f"resuming after epoch {epoch}/{epochs}")
-    tb = TensorBoardLog(run_dir, CLASSES, start_epoch=epoch, enabled=ctx.is_main)
-    checkpoints = CheckpointWriter()
-    interrupted = False
-    try:
-        while epoch < epochs and not stop_reason:
-            epoch += 1
-            t0 = time.time()
-            with tqdm(total=len(train_idx), desc=f"epoch {epoch}/{epochs}", unit="img", leave=False,
-                      disable=quiet or not ctx.is_main, dynamic_ncols=True) as bar:
-                lr = optimizer.param_groups[0]["lr"]
-                tr = train_one_epoch(train_model, ema, images, labels, train_idx, optimizer, scheduler, cfg, gen,
-                                     amp_dtype, loss_weights, sample_weights, bar, ctx if ctx.enabled else None)
-            val = evaluate_split(eval_model, images, labels, val_idx, cfg, amp_dtype, ctx)
-            row = {"epoch": epoch, "lr": lr, "train_loss": tr["loss"], "train_acc": tr["acc"],
-                   "val_loss": val["loss"], "val_acc": val["acc"], "seconds": time.time() - t0}
-            rows.append(row)
-            improved = val["acc"] > best_acc
-            if improved:
-                best_acc, best_epoch, stale = val["acc"], epoch, 0
-                if ctx.is_main:
-                    save_model(eval_model, cfg.model, run_dir / WEIGHTS_NAME,
-                               extra={"epoch": epoch, "val_acc": val["acc"], "protocol": cfg.data.protocol,
-                                      "split": split_settings(cfg)})
-            else:
-                stale += 1
-            if ctx.is_main:
-                write_metrics_csv(run_dir / "training_metrics.csv", rows)
-                tb.epoch(row, val["confusion"])
-            log(f"epoch {epoch:3d}/{epochs} lr {lr:.2e} | train loss {tr['loss']:.4f} acc {tr['acc']:.4f}"
-                f" | val loss {val['loss']:.4f} acc {val['acc']:.4f}{' *' if improved else ''}"
-                f" | {row['seconds']:.1f}s")
-            if cfg.train.time_budget_s > 0 and epoch == 2:
-                # epoch 1 carries compilation; epoch 2 is the steady-state cost; rank 0's clock decides for all
-                fit = int((cfg.train.time_budget_s - (time.time() - t_start)) / max(row["seconds"], 1e-3)) + 2
-                fit = broadcast_value(fit, ctx)
-                if fit < epochs:
-                    epochs = max(fit, 2)
-                    schedule.total_steps = steps_per_epoch * epochs
-                    log(f"time budget {cfg.train.time_budget_s:.0f}s: training {epochs} epochs")
-            if cfg.train.early_stop_patience and stale >= cfg.train.early_stop_patience:
-                stop_reason = f"early stop: no better validation accuracy for {stale} epochs"
-            if on_epoch is not None:
-                stop_reason = broadcast_value((on_epoch(row) if ctx.is_main else None) or stop_reason, ctx)
-            preempted = any_rank(bool(signals.requested), ctx)
-            progress = {"epoch": epoch, "epochs": epochs, "rows": rows, "best_acc": best_acc,
-                        "best_epoch": best_epoch, "stale": stale, "stop_reason": stop_reason,
-                        "elapsed_s": time.time() - t_start}
-            checkpoints.save(run_dir, ctx, cfg, model=model, ema=ema, optimizer=optimizer, scheduler=scheduler,
-                             gen=gen, progress=progress, fingerprint=fingerprint)
-            if preempted:
-                checkpoints.wait()
-                tb.close()
-                raise Preempted(f"{signals.requested or 'a stop signal to another rank'}: stopped after epoch "
-                                f"{epoch} with a checkpoint; continue with `fervit train --resume {run_dir}`",
-                                run_dir, epoch)
-            if stop_reason:
-                log(stop_reason)
-    except KeyboardInterrupt:
-        interrupted = True
-        log("interrupted: finishing the run folder with the best checkpoint so far")
-    checkpoints.wait()
-    tb.close()
-    if not rows:
-        raise FervitError(f"training stopped before the first epoch finished; nothing to evaluate in {run_dir}")
+
+def open_run_dir(cfg: RunConfig, ctx: DistContext, run_dir, fresh: bool) -> Path:
+    """The run folder (a new one under train.output unless given), with config.json for a fresh run."""
     if ctx.is_main:
-        extra = {"best_epoch": best_epoch, "interrupted": interrupted, "epochs_planned": epochs,
+        if run_dir is None:
+            run_dir = make_run_dir(cfg.train.output, cfg)
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        if fresh:
+            write_json(Path(run_dir) / "config.json", cfg.to_dict())
+    return Path(broadcast_value(str(run_dir), ctx))
+
+
+def resume_state(run: Run, saved: ResumeState) -> TrainState:
+    """The saved TrainState; the RNGs go back last (building and compiling drew random numbers)."""
+    state = TrainState.from_dict(saved.progress)
+    restore_rng(saved, run.parts.gen, run.ctx)
+    if run.ctx.is_main:  # forget an epoch a killed process logged after its last checkpoint
+        write_metrics_csv(run.run_dir / "training_metrics.csv", state.rows)
+    run.log(f"resuming after epoch {state.epoch}/{state.epochs}")
+    return state
+
+
+def run_epoch(run: Run, state: TrainState, tb: TensorBoardLog) -> dict:
+    """Train one epoch, validate, keep the best model, log; returns the epoch's metrics row."""
+    cfg, ctx, parts = run.cfg, run.ctx, run.parts
+    state.epoch += 1
+    t0 = time.time()
+    with tqdm(total=len(parts.train_idx), desc=f"epoch {state.epoch}/{state.epochs}", unit="img", leave=False,
+              disable=run.quiet or not ctx.is_main, dynamic_ncols=True) as bar:
+        lr = parts.optimizer.param_groups[0]["lr"]
+        tr = train_one_epoch(parts, bar)
+    val = evaluate_split(run.eval_model, parts.images, parts.labels, run.val_idx, cfg, parts.amp_dtype, ctx)
+    row = {"epoch": state.epoch, "lr": lr, "train_loss": tr["loss"], "train_acc": tr["acc"],
+           "val_loss": val["loss"], "val_acc": val["acc"], "seconds": time.time() - t0}
+    state.rows.append(row)
+    if run.schedule.epoch_end(val["acc"]):  # a plateau drop
+        apply_now(parts.scheduler)
+    improved = val["acc"] > state.best_acc
+    if improved:
+        state.best_acc, state.best_epoch, state.stale = val["acc"], state.epoch, 0
+        if ctx.is_main:
+            save_model(run.eval_model, describe(cfg.model, cfg.data, epoch=state.epoch, val_acc=val["acc"]),
+                       run.run_dir / WEIGHTS_NAME)
+    else:
+        state.stale += 1
+    if ctx.is_main:
+        write_metrics_csv(run.run_dir / "training_metrics.csv", state.rows)
+        tb.epoch(row, val["confusion"])
+    run.log(f"epoch {state.epoch:3d}/{state.epochs} lr {lr:.2e} | train loss {tr['loss']:.4f} acc {tr['acc']:.4f}"
+            f" | val loss {val['loss']:.4f} acc {val['acc']:.4f}{' *' if improved else ''} | {row['seconds']:.1f}s")
+    return row
+
+
+def plan_next(run: Run, state: TrainState, row: dict, t_start: float, on_epoch) -> None:
+    """After an epoch: fit the time budget (after epoch 2), early stopping, and the sweep's pruner."""
+    cfg = run.cfg
+    if cfg.train.time_budget_s > 0 and state.epoch == 2:
+        # epoch 1 carries compilation; epoch 2 is the steady-state cost; rank 0's clock decides for all
+        fit = int((cfg.train.time_budget_s - (time.time() - t_start)) / max(row["seconds"], 1e-3)) + 2
+        fit = broadcast_value(fit, run.ctx)
+        if fit < state.epochs:
+            state.epochs = max(fit, 2)
+            run.schedule.replan(run.steps_per_epoch * state.epochs)
+            run.log(f"time budget {cfg.train.time_budget_s:.0f}s: training {state.epochs} epochs")
+    if cfg.train.early_stop_patience and state.stale >= cfg.train.early_stop_patience:
+        state.stop_reason = f"early stop: no better validation accuracy for {state.stale} epochs"
+    if on_epoch is not None:
+        state.stop_reason = broadcast_value((on_epoch(row) if run.ctx.is_main else None) or state.stop_reason, run.ctx)
+
+
+def finish(run: Run, state: TrainState, interrupted: bool, t_start: float) -> Path:
+    """Rank 0 evaluates the best model and writes results.json; the `last` checkpoint goes."""
+    if not state.rows:
+        raise FervitError(f"training stopped before the first epoch finished; nothing to evaluate in {run.run_dir}")
+    if run.ctx.is_main:
+        extra = {"best_epoch": state.best_epoch, "interrupted": interrupted, "epochs_planned": state.epochs,
                  "wall_seconds": time.time() - t_start}
-        if stop_reason:
-            extra["stopped"] = stop_reason
-        if ctx.enabled:
-            extra["world_size"] = ctx.world_size
-        finish_run(run_dir, cfg, data, splits, rows, device, amp_dtype, n_params, extra, quiet=quiet)
-        remove_last(run_dir)
-    barrier(ctx)
-    return run_dir
+        if state.stop_reason:
+            extra["stopped"] = state.stop_reason
+        if run.ctx.enabled:
+            extra["world_size"] = run.ctx.world_size
+        finish_run(run.run_dir, run.cfg, run.data, run.splits, state.rows, run.ctx.device, run.parts.amp_dtype,
+                   run.n_params, extra, quiet=run.quiet)
+        remove_last(run.run_dir)
+    barrier(run.ctx)
+    return run.run_dir
 
 
 def evaluate_split(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
@@ -478,3 +370,30 @@ def finish_run(run_dir: Path, cfg: RunConfig, data: FerData, splits: Splits, row
               f"test acc {results['test']['accuracy']:.4f} | macro F1 {results['test']['macro_avg']['f1']:.4f} | "
               f"{run_dir}")
     return results
+
+
+def load_pretrained(model: nn.Module, path: str, log=print) -> None:
+    """Load matching weights from a local .safetensors file (a fervit checkpoint or a bare state dict)."""
+    from safetensors.torch import load_file
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FervitError(f"model.pretrained '{p}' does not exist; give a local .safetensors file")
+    if p.suffix != ".safetensors":
+        raise FervitError(f"model.pretrained '{p}' is not a .safetensors file; fervit never loads pickled weights")
+    if hasattr(model, "load_pretrained"):  # e.g. a timm backbone: its own loader adapts stem, head and positions
+        model.load_pretrained(p, log)
+        return
+    try:
+        state = load_file(p)
+    except Exception as e:
+        raise FervitError(f"model.pretrained '{p}' is not a readable safetensors file ({e})") from None
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise FervitError(f"no tensor in '{p}' matches this model's names and shapes; is it a checkpoint of "
+                          "another architecture?")
+    model.load_state_dict(usable, strict=False)
+    log(f"loaded {len(usable)}/{len(own)} tensors from {p}")
+
+
