@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -10,11 +9,11 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from fervit.config import ModelConfig, _from_dict
+from fervit.config import ModelConfig
 from fervit.errors import FervitError
 from fervit.io import atomic_write, write_json
+from fervit.models.validate import FORMAT, check_shapes, check_weights, read_description
 
-FORMAT = "fervit-model/1"
 WEIGHTS_NAME = "best_model.safetensors"
 
 
@@ -43,6 +42,7 @@ def save_model(model: nn.Module, model_cfg: ModelConfig, path: str | Path, extra
     meta = {"format": FORMAT, "model": _asdict(model_cfg), "classes": list(CLASSES),
             "input": {"size": model_cfg.img_size, "channels": 1, "mean": 0.5, "std": 0.5}}
     meta.update(extra or {})
+    check_weights(state, path)  # never write a checkpoint that load_model would refuse
     with atomic_write(path, "wb") as f:
         f.write(save(state, metadata={"format": FORMAT}))
     write_json(path.with_suffix(".json"), meta)
@@ -77,23 +77,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
 
     weights = find_checkpoint(path)
     meta_path = weights.with_suffix(".json")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except FileNotFoundError:
-        raise FervitError(f"'{meta_path.name}' is missing beside '{weights}'; it says how to rebuild the model") from None
-    except json.JSONDecodeError:
-        raise FervitError(f"'{meta_path}' is damaged (not valid JSON); re-export the checkpoint") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise FervitError(f"'{meta_path}' is not a fervit model description (expected format {FORMAT})")
-    missing_keys = [k for k in ("model", "classes", "input") if k not in meta]
-    if missing_keys:
-        raise FervitError(f"'{meta_path}' is an incomplete model description (missing {missing_keys[0]!r}); "
-                          "re-export the checkpoint")
-    model_cfg = _from_dict(ModelConfig, meta["model"], "model.")
+    meta, model_cfg = read_description(meta_path, weights)
+    check_shapes(model_cfg, weights, meta_path)  # before anything is allocated
     try:
         state = load_file(weights)
     except (SafetensorError, OSError, ValueError) as e:
         raise FervitError(f"checkpoint '{weights}' is damaged or not a safetensors file ({e})") from None
+    check_weights(state, weights)
     model = build_model(model_cfg)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
