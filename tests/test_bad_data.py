@@ -74,10 +74,12 @@ def test_audit_counts_dangling_links_and_link_loops_as_named_skips(capsys, tiny_
            "train/happy/loop.jpg (symbolic link loop)" in [str(w.message) for w in record]
 
 
-def test_a_dangling_link_as_the_data_root_is_one_line(capsys, tmp_path):
-    (tmp_path / "fer").symlink_to(tmp_path / "deleted")
+@pytest.mark.parametrize("target", ["deleted", "fer"], ids=["dangling", "loop"])
+def test_a_dangling_or_looping_link_as_the_data_root_is_one_line(capsys, tmp_path, target):
+    (tmp_path / "fer").symlink_to(tmp_path / target)
     assert main(["data", "audit", str(tmp_path / "fer")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith(f"fervit: error: data root '{tmp_path / 'fer'}' is a broken or looping symbolic link;")
 
 
 def test_the_skip_warning_never_ends_in_an_empty_example_list(tiny_layout):

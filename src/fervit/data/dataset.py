@@ -23,8 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
-from safetensors.torch import load_file
+from PIL import Image
 from tqdm.auto import tqdm
 
 from fervit.errors import FervitError
@@ -97,7 +96,8 @@ def load_fer(root: str | os.PathLike, cache_dir: str | os.PathLike | None = None
     """Load a dataset root (folder layout or fer2013.csv), decoding at most once per file list."""
     root = Path(root).expanduser()
     if not root.exists():
-        raise FervitError(f"data root '{root}' does not exist; {LAYOUT_HINT}")
+        what = "is a broken or looping symbolic link" if root.is_symlink() else "does not exist"
+        raise FervitError(f"data root '{root}' {what}; {LAYOUT_HINT}")
     csv_path = root if root.is_file() else root / "fer2013.csv"
     if root.is_file() and root.suffix.lower() != ".csv":
         raise FervitError(f"data root '{root}' is a file but not a .csv; {LAYOUT_HINT}")

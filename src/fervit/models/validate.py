@@ -80,7 +80,7 @@ def header_tensors(weights: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """name -> (shape, safetensors dtype) from the file's header, without reading any weights."""
     try:
         with safe_open(weights, framework="pt") as f:
-            return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+            return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     except (SafetensorError, OSError, ValueError) as e:
         raise FervitError(f"checkpoint '{weights}' is damaged or not a safetensors file ({e})") from None
 
