@@ -142,3 +142,9 @@ def test_a_full_disk_in_the_checkpoint_thread_is_one_line(monkeypatch, capsys, t
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err[-1].startswith("fervit: error: no space left on the device to write '") and "/last/e0001" in err[-1]
+
+
+def test_a_classes_list_is_checked_against_the_default_output_count_too(run):
+    edit_description(run, lambda m: (m["model"].pop("num_classes"), m.update(classes=["angry", "happy", "sad"])))
+    with pytest.raises(FervitError, match="names 3 classes but its model has 7 outputs"):
+        load_model(run)

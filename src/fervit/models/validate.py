@@ -32,7 +32,9 @@ def read_description(meta_path: Path, weights: Path) -> tuple[dict, ModelConfig]
     except ValueError:  # JSONDecodeError, and UnicodeDecodeError for binary files
         raise FervitError(f"'{meta_path}' is damaged (not valid JSON); re-export the checkpoint") from None
     check_description(meta, meta_path)
-    return meta, model_config(meta, meta_path)
+    cfg = model_config(meta, meta_path)
+    check_agreement(meta, cfg, meta_path)
+    return meta, cfg
 
 
 def check_description(meta, meta_path: Path) -> None:
@@ -48,12 +50,17 @@ def check_description(meta, meta_path: Path) -> None:
         raise FervitError(f"'{meta_path}': 'classes' must be a list of class names")
     if not isinstance(model, dict) or not isinstance(size, dict):
         raise FervitError(f"'{meta_path}': 'model' and 'input' must be JSON objects")
-    if model.get("num_classes", len(classes)) != len(classes):
-        raise FervitError(f"'{meta_path}' names {len(classes)} classes but its model has {model['num_classes']} "
+
+
+def check_agreement(meta: dict, cfg: ModelConfig, meta_path: Path) -> None:
+    """A one-line error unless the class names and input size agree with the model that will be built."""
+    if len(meta["classes"]) != cfg.num_classes:
+        raise FervitError(f"'{meta_path}' names {len(meta['classes'])} classes but its model has {cfg.num_classes} "
                           "outputs; the two must agree")
-    if size.get("size", model.get("img_size")) != model.get("img_size", 48):
-        raise FervitError(f"'{meta_path}' says the input is {size.get('size')} px but its model is built for "
-                          f"{model.get('img_size', 48)} px images; the two must agree")
+    size = meta["input"].get("size", cfg.img_size)
+    if size != cfg.img_size:
+        raise FervitError(f"'{meta_path}' says the input is {size} px but its model is built for "
+                          f"{cfg.img_size} px images; the two must agree")
 
 
 def model_config(meta: dict, meta_path: Path) -> ModelConfig:
