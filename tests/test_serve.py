@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from fervit.data.dataset import CLASSES  # noqa: E402
 from fervit.inference.predictor import Predictor  # noqa: E402
 from fervit.serve.app import UploadLimits, create_app  # noqa: E402
+from test_bad_images import TRUNCATED_IHDR_PNG, bomb_png  # noqa: E402
 from test_predict import FACES, make_checkpoint, make_face_photo  # noqa: E402
 
 LIMITS = UploadLimits(max_bytes=300_000, max_pixels=2_000_000)
@@ -87,7 +88,9 @@ def test_a_photo_without_faces_returns_an_empty_list(client):
     (b"%PDF-1.4 not an image at all", 415, "not an image"),
     (b"", 400, "empty"),
     (b"\x89PNG\r\n\x1a\n" + b"\0" * 100, 400, "damaged PNG"),
-], ids=["pdf", "empty", "broken-png-header"])
+    (bomb_png(20_000, 20_000), 413, "decompression bomb"),
+    (TRUNCATED_IHDR_PNG, 400, "damaged PNG header"),
+], ids=["pdf", "empty", "broken-png-header", "decompression-bomb", "truncated-ihdr"])
 def test_bad_uploads_get_a_4xx_with_a_message(client, data, status, message):
     r = upload(client, data)
     assert r.status_code == status and message in r.json()["detail"]

@@ -3,10 +3,25 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import tempfile
+import time
 from pathlib import Path
+
+from fervit.errors import FervitError
+
+STALE_TEMP_SECONDS = 3600  # a temporary file this old was left by a killed write (a live one is renamed in seconds)
+TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # what mkstemp(prefix=".<name>.", suffix=".tmp") makes
+
+
+class DiskFullError(FervitError, OSError):
+    """A write failed because the disk (or the user's quota) is full; the CLI prints it as one line."""
+
+    def __str__(self) -> str:
+        return self.strerror
 
 
 def _umask() -> int:
@@ -25,7 +40,11 @@ def _umask() -> int:
 def atomic_write(path: str | os.PathLike, mode: str = "w"):
     """Write to a temporary file beside `path`, then rename it over `path` in one step."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale_temps(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise _disk_full(e, path) from None
     try:
         # mkstemp makes the file private (0600); give it the permissions a plain open() would, so the
         # rest of a group (a shared cluster, a serving account) can read runs and checkpoints
@@ -35,10 +54,39 @@ def atomic_write(path: str | os.PathLike, mode: str = "w"):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, FervitError):
+            raise _disk_full(e, path) from None
         raise
+
+
+def _disk_full(e: OSError, path: Path) -> OSError:
+    """ENOSPC/EDQUOT as a one-line DiskFullError naming the file; any other OSError unchanged."""
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return e
+    return DiskFullError(e.errno, f"no space left on the device to write '{path}' ({e.strerror}); free some "
+                                  "space (or pick another folder) and run again", str(path))
+
+
+def remove_stale_temps(folder: str | os.PathLike, older_than: float = STALE_TEMP_SECONDS) -> int:
+    """Delete `atomic_write`'s temporary files in `folder` that a killed process left behind; returns how many.
+
+    Only names `atomic_write` makes, and only files not touched for `older_than` seconds (a live write's is young).
+    """
+    removed, cutoff = 0, time.time() - older_than
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if TEMP_NAME.match(entry.name) and entry.is_file(follow_symlinks=False) \
+                        and entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
+                        removed += 1
+    except OSError:  # an unlistable folder: the write itself reports what is wrong
+        pass
+    return removed
 
 
 def write_json(path: str | os.PathLike, obj) -> None:

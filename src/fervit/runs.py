@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import time
+import warnings
 from pathlib import Path
 
 from fervit.config import RunConfig
@@ -62,8 +63,21 @@ def write_metrics_csv(path: Path, rows: list[dict]) -> None:
 
 
 def read_metrics_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
+    """The rows of a run's training_metrics.csv; a one-line error naming the line when it is damaged."""
+    line = 1
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if not set(METRIC_FIELDS[:1] + METRIC_FIELDS[2:6]) <= set(reader.fieldnames or ()):
+                raise ValueError(f"its header is {reader.fieldnames}, expected {','.join(METRIC_FIELDS)}")
+            rows = []
+            for row in reader:
+                line = reader.line_num
+                rows.append({k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()})
+            return rows
+    except (ValueError, TypeError, csv.Error) as e:  # UnicodeDecodeError is a ValueError
+        raise FervitError(f"'{path}' is damaged (line {line}: {e}); the metrics of each epoch cannot be read") \
+            from None
 
 
 def collect_runs(root: str | Path) -> list[dict]:
@@ -72,8 +86,11 @@ def collect_runs(root: str | Path) -> list[dict]:
     for results_path in sorted(Path(root).rglob("results.json")):
         run = results_path.parent
         try:
-            res = json.loads(results_path.read_text())
-        except (OSError, json.JSONDecodeError):
+            res = json.loads(results_path.read_bytes())
+        except (OSError, ValueError):
+            res = None
+        if not isinstance(res, dict):
+            warnings.warn(f"left out {run}: its results.json is damaged or not a fervit results file", stacklevel=2)
             continue
         rows.append({
             "run": str(run),

@@ -48,7 +48,13 @@ def run_predict(args) -> int:
     detect = "never" if args.no_detect else "always" if args.detect else "auto"
     out_dir = Path(args.annotate) if args.annotate else None
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise FervitError(f"--annotate needs a folder, and '{out_dir}' is a file; name a new or existing "
+                              "folder") from None
+        except OSError as e:
+            raise FervitError(f"cannot make the --annotate folder '{out_dir}' ({e.strerror or e})") from None
     show_bar = not args.quiet and len(sources) > args.batch_size and sys.stderr.isatty()
     results, used = [], set()
     for res in predictor.predict_sources(sources, detect, args.batch_size, show_bar, len(sources),

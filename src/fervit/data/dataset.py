@@ -11,9 +11,11 @@ Decoded images live in a cache file keyed by the file list, so later runs load i
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
 import os
+import stat
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,8 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
-from safetensors.torch import load_file
+from PIL import Image
 from tqdm.auto import tqdm
 
 from fervit.errors import FervitError
@@ -31,12 +32,20 @@ from fervit.io import atomic_write
 CLASSES = ("angry", "disgusted", "fearful", "happy", "neutral", "sad", "surprised")
 IMG_SIZE = 48
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp"}
+# Formats an image may be in, told by Pillow from its bytes (never the extension): training and `predict` read
+# the same ones. JPEG covers cameras' MPO files; PIL would also open EPS (through Ghostscript) and other rarities.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+MAX_PIXELS = 50_000_000  # a 50 MP photo decodes to 150 MB of RGB; larger is refused before decoding
+# fervit refuses images over its own, smaller pixel limit before decoding them, so Pillow's bomb warning
+# (issued at 89 MP, before fervit's check can run) only adds noise
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 ALIASES = {"disgust": "disgusted", "fear": "fearful", "surprise": "surprised"}
 # fer2013.csv label order: 0=angry 1=disgust 2=fear 3=happy 4=sad 5=surprise 6=neutral
 CSV_LABELS = (0, 1, 2, 3, 5, 6, 4)
 USAGES = ("", "Training", "PublicTest", "PrivateTest")  # index 0: unknown
+USAGE_SPELLINGS = {u.lower(): i for i, u in enumerate(USAGES) if u}  # "Private Test", "privatetest" -> PrivateTest
 FOLDERS = ("train", "test")
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
 LAYOUT_HINT = (
     "expected ROOT/train/<class>/*.jpg and ROOT/test/<class>/*.jpg (classes: "
     + ", ".join(CLASSES)
@@ -87,44 +96,69 @@ def load_fer(root: str | os.PathLike, cache_dir: str | os.PathLike | None = None
     """Load a dataset root (folder layout or fer2013.csv), decoding at most once per file list."""
     root = Path(root).expanduser()
     if not root.exists():
-        raise FervitError(f"data root '{root}' does not exist; {LAYOUT_HINT}")
+        what = "is a broken or looping symbolic link" if root.is_symlink() else "does not exist"
+        raise FervitError(f"data root '{root}' {what}; {LAYOUT_HINT}")
     csv_path = root if root.is_file() else root / "fer2013.csv"
     if root.is_file() and root.suffix.lower() != ".csv":
         raise FervitError(f"data root '{root}' is a file but not a .csv; {LAYOUT_HINT}")
     if csv_path.is_file():
         entries, key_src = None, f"csv:{csv_path.resolve()}:{csv_path.stat().st_size}:{csv_path.stat().st_mtime_ns}"
     else:
-        entries, nonimages = _scan_folders(root)
+        entries, nonimages, scan_examples = _scan_folders(root, strict)
         key_src = "\n".join(f"{rel}:{size}:{mtime}" for rel, _, _, size, mtime in entries)
         key_src += f"\nnonimages:{nonimages}"
-    key = hashlib.sha256(f"v{CACHE_VERSION}\n{root.resolve()}\n{key_src}".encode()).hexdigest()[:20]
+    key_digest = hashlib.sha256(f"v{CACHE_VERSION}\n{root.resolve()}\n{key_src}".encode()).hexdigest()
+    key = key_digest[:20]
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     tensors_path, meta_path = cache / f"fer-{key}.safetensors", cache / f"fer-{key}.json"
     if tensors_path.is_file() and meta_path.is_file():
-        try:
-            t = load_file(tensors_path)
-            meta = json.loads(meta_path.read_text())
-            data = FerData(t["images"], t["labels"], t["folder"], t["usage"], meta["paths"], meta["skipped"])
+        data, meta, problem = _read_cache(tensors_path, meta_path, key_digest)
+        if data is not None:
             _warn_skipped(data.skipped, meta.get("skip_examples", []), strict)
             return data
-        except Exception:  # a damaged cache is rebuilt, never fatal
-            pass
+        warnings.warn(f"the data cache {tensors_path.name} in {cache} {problem}; rebuilding it", stacklevel=2)
     if entries is None:
         data, examples = _read_csv(csv_path, strict, progress)
     else:
         data, examples = _decode_folders(root, entries, strict, progress)
         data.skipped += nonimages
+        examples = (examples + scan_examples)[:5]
     _warn_skipped(data.skipped, examples, strict)
     try:
         cache.mkdir(parents=True, exist_ok=True)
+        blob = _safetensors_bytes(data)
         with atomic_write(tensors_path, "wb") as f:
-            f.write(_safetensors_bytes(data))
+            f.write(blob)
         with atomic_write(meta_path, "w") as f:
-            json.dump({"paths": data.paths, "skipped": data.skipped, "skip_examples": examples}, f)
+            json.dump({"key": key_digest, "tensors_sha256": hashlib.sha256(blob).hexdigest(), "paths": data.paths,
+                       "skipped": data.skipped, "skip_examples": examples}, f)
     except OSError as e:
         warnings.warn(f"could not write the data cache in {cache} ({e}); set data.cache_dir to a writable folder",
                       stacklevel=2)
     return data
+
+
+def _read_cache(tensors_path: Path, meta_path: Path, key_digest: str):
+    """(data, meta, None) from a cache that belongs to this file list and is intact, else (None, None, why not)."""
+    from safetensors.torch import load
+
+    try:
+        meta = json.loads(meta_path.read_bytes())
+        blob = tensors_path.read_bytes()
+    except (OSError, ValueError):
+        return None, None, "is unreadable"
+    if not isinstance(meta, dict) or meta.get("key") != key_digest:
+        return None, None, "was written for another file list"
+    if hashlib.sha256(blob).hexdigest() != meta.get("tensors_sha256"):
+        return None, None, "does not match its checksum (damaged)"
+    try:
+        t = load(blob)
+        data = FerData(t["images"], t["labels"], t["folder"], t["usage"], meta["paths"], int(meta["skipped"]))
+    except Exception:  # a damaged cache is rebuilt, never fatal
+        return None, None, "is damaged"
+    if not (len(data.images) == len(data.labels) == len(data.paths)):
+        return None, None, "is inconsistent"
+    return data, meta, None
 
 
 def _safetensors_bytes(data: FerData) -> bytes:
@@ -137,50 +171,85 @@ def _safetensors_bytes(data: FerData) -> bytes:
 def _warn_skipped(skipped: int, examples: list[str], strict: bool) -> None:
     if not skipped:
         return
-    msg = f"skipped {skipped} unreadable or non-image file(s), e.g. {', '.join(examples[:3])}"
+    msg = f"skipped {skipped} unreadable or non-image file(s)"
+    if examples:
+        msg += f", e.g. {', '.join(examples[:3])}"
     if strict:
         raise FervitError(msg + " (data.strict is on; remove them or turn strict off)")
     warnings.warn(msg, stacklevel=3)
 
 
-def _scan_folders(root: Path):
-    """List (relpath, label, folder, size, mtime) for every image, sorted; count non-image files."""
+def _scan_folders(root: Path, strict: bool = False):
+    """List (relpath, label, folder, size, mtime) for every image, sorted; count (and name a few) skipped files.
+
+    A class folder that cannot be read is named in a warning (an error under `strict`): training without
+    one class must never pass unnoticed.
+    """
     if not root.is_dir():
         raise FervitError(f"data root '{root}' is not a folder; {LAYOUT_HINT}")
-    entries, nonimages = [], 0
+    entries, nonimages, examples, unreadable = [], 0, [], []
+
+    def skip(path: Path, why: str) -> None:
+        nonlocal nonimages
+        nonimages += 1
+        if len(examples) < 5:
+            examples.append(f"{path.relative_to(root).as_posix()} ({why})")
+
     found_split = False
     for fi, split in enumerate(FOLDERS):
-        split_dir = next((p for p in root.iterdir() if p.is_dir() and p.name.lower() == split), None)
+        split_dir = next((p for p in _list_dir(root, root) if p.is_dir() and p.name.lower() == split), None)
         if split_dir is None:
             continue
         found_split = True
-        for class_dir in sorted(split_dir.iterdir()):
+        for class_dir in sorted(_list_dir(split_dir, root)):
             if class_dir.name.startswith("."):
                 continue
             if not class_dir.is_dir():
-                nonimages += 1
+                skip(class_dir, "not a class folder")
                 continue
             label = class_index(class_dir.name)
             if label is None:
                 raise FervitError(
                     f"unknown class folder '{class_dir.relative_to(root)}'; known class names: "
                     f"{', '.join(CLASSES)} (also disgust, fear, surprise)")
-            for dirpath, _, files in os.walk(class_dir):
-                for fname in files:
+            for dirpath, _, files in os.walk(class_dir, onerror=lambda e: unreadable.append(e)):
+                for fname in sorted(files):
                     if fname.startswith("."):
                         continue
                     path = Path(dirpath) / fname
                     if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                        nonimages += 1
+                        skip(path, "not an image file name")
                         continue
-                    st = path.stat()
+                    try:
+                        st = path.stat()
+                    except OSError as e:
+                        skip(path, "broken symbolic link" if isinstance(e, FileNotFoundError) else
+                             "symbolic link loop" if e.errno == errno.ELOOP else e.strerror or str(e))
+                        continue
+                    if not stat.S_ISREG(st.st_mode):
+                        skip(path, "not a regular file")
+                        continue
                     entries.append((path.relative_to(root).as_posix(), label, fi, st.st_size, st.st_mtime_ns))
+    if unreadable:
+        names = ", ".join(f"'{Path(e.filename).relative_to(root)}' ({e.strerror})" for e in unreadable[:3])
+        msg = f"cannot read {len(unreadable)} folder(s) under '{root}', so their images are left out: {names}"
+        if strict:
+            raise FervitError(msg + " (data.strict is on; fix the permissions or turn strict off)")
+        warnings.warn(msg + "; fix the permissions", stacklevel=3)
     if not found_split:
         raise FervitError(f"no train/ or test/ folder in '{root}'; {LAYOUT_HINT}")
     if not entries:
         raise FervitError(f"no images found under '{root}'; {LAYOUT_HINT}")
     entries.sort()
-    return entries, nonimages
+    return entries, nonimages, examples
+
+
+def _list_dir(folder: Path, root: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except OSError as e:
+        raise FervitError(f"cannot read the folder '{folder}' ({e.strerror or e}); fix its permissions "
+                          f"or give another data root") from None
 
 
 def _usage_of(name: str) -> int:
@@ -190,10 +259,42 @@ def _usage_of(name: str) -> int:
     return 0
 
 
+def to_8bit(im: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float images scaled (not clipped) to mode L; other modes unchanged.
+
+    Integer images are taken as 16-bit (x/257), which is what PNG and TIFF store; floats in [0, 1] are
+    x*255, floats in [0, 255] are kept, and any other range is stretched from its own min to its max.
+    """
+    if im.mode not in ("I", "F") and not im.mode.startswith("I;16"):
+        return im
+    arr = np.asarray(im).astype(np.float64)
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size and np.isfinite(arr).all() else (0.0, 0.0)
+    if im.mode != "F" and lo >= 0 and hi <= 65535:
+        scale, offset = 1 / 257, 0.0
+    elif im.mode == "F" and lo >= 0 and hi <= 1:
+        scale, offset = 255.0, 0.0
+    elif im.mode == "F" and lo >= 0 and hi <= 255:
+        scale, offset = 1.0, 0.0
+    else:  # an unusual range (negative values, 32-bit counts, NaN): stretch what is there
+        arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = float(arr.min()), float(arr.max())
+        scale, offset = (255.0 / (hi - lo) if hi > lo else 0.0), lo
+    return Image.fromarray(np.clip(np.rint((arr - offset) * scale), 0, 255).astype(np.uint8), "L")
+
+
+def check_pixels(im: Image.Image, max_pixels: int = MAX_PIXELS) -> None:
+    """ValueError when `im` declares more than `max_pixels`, checked before its pixels are decoded."""
+    w, h = im.size
+    if w * h > max_pixels:
+        raise ValueError(f"too large: {w}x{h} pixels is more than the {max_pixels / 1e6:g} MP limit")
+
+
 def decode_image(source) -> np.ndarray:
-    """Any PIL-readable image (path or file object) as a (48, 48) uint8 grayscale array."""
-    with Image.open(source) as im:
+    """An image (path or file object) in one of `IMAGE_FORMATS` as a (48, 48) uint8 grayscale array."""
+    with Image.open(source, formats=IMAGE_FORMATS) as im:
+        check_pixels(im)
         im.load()
+        im = to_8bit(im)
         if im.mode not in ("L", "RGB"):
             im = im.convert("RGBA").convert("RGB") if "A" in im.mode or im.mode == "P" else im.convert("RGB")
         im = im.convert("L")
@@ -205,7 +306,7 @@ def decode_image(source) -> np.ndarray:
 def _decode_one(path: Path):
     try:
         return decode_image(path)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError):
+    except Exception:  # Pillow's plugins raise many types on malformed input; each is one skipped file
         return None
 
 
@@ -238,27 +339,39 @@ def _decode_folders(root: Path, entries, strict: bool, progress: bool):
 def _read_csv(path: Path, strict: bool, progress: bool):
     images, labels, usages, paths, examples = [], [], [], [], []
     skipped = 0
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"emotion", "pixels"} <= set(reader.fieldnames):
-            raise FervitError(f"'{path}' has columns {reader.fieldnames}; a fer2013.csv needs emotion,pixels[,Usage]")
-        for row_no, row in enumerate(tqdm(reader, desc=f"reading {path.name}", unit="row", disable=not progress,
-                                          leave=False), start=2):
-            try:
-                label = CSV_LABELS[int(row["emotion"])]
-                pixels = np.array(row["pixels"].split(), dtype=np.uint8)
-                if pixels.size != IMG_SIZE * IMG_SIZE:
-                    raise ValueError
-            except (ValueError, IndexError, TypeError, AttributeError, OverflowError):
-                skipped += 1
-                if len(examples) < 5:
-                    examples.append(f"{path.name}:{row_no}")
-                continue
-            images.append(pixels.reshape(IMG_SIZE, IMG_SIZE))
-            labels.append(label)
-            usage = (row.get("Usage") or "").strip()
-            usages.append(USAGES.index(usage) if usage in USAGES else 0)
-            paths.append(f"{path.name}:{row_no}")
+    try:
+        # utf-8-sig: Excel starts the CSVs it saves with a byte-order mark
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or not {"emotion", "pixels"} <= set(reader.fieldnames):
+                raise FervitError(f"'{path}' has columns {reader.fieldnames}; a fer2013.csv needs "
+                                  "emotion,pixels[,Usage]")
+            for row_no, row in enumerate(tqdm(reader, desc=f"reading {path.name}", unit="row",
+                                              disable=not progress, leave=False), start=2):
+                try:
+                    emotion = int(row["emotion"])
+                    if not 0 <= emotion < len(CSV_LABELS):
+                        raise ValueError
+                    pixels = np.array(row["pixels"].split(), dtype=np.uint8)
+                    if pixels.size != IMG_SIZE * IMG_SIZE:
+                        raise ValueError
+                except (ValueError, TypeError, AttributeError, OverflowError):
+                    skipped += 1
+                    if len(examples) < 5:
+                        examples.append(f"{path.name}:{row_no}")
+                    continue
+                images.append(pixels.reshape(IMG_SIZE, IMG_SIZE))
+                labels.append(CSV_LABELS[emotion])
+                usages.append(_csv_usage(row.get("Usage"), path, row_no))
+                paths.append(f"{path.name}:{row_no}")
+    except UnicodeDecodeError:
+        raise FervitError(f"'{path}' is not UTF-8 text (binary, or another encoding such as Latin-1); "
+                          "a fer2013.csv holds emotion,pixels,Usage as plain text") from None
+    except csv.Error as e:
+        raise FervitError(f"'{path}' is not a readable CSV (line {reader.line_num}: {e}); a fer2013.csv holds "
+                          "emotion,pixels,Usage rows") from None
+    except OSError as e:
+        raise FervitError(f"cannot read '{path}' ({e.strerror or e})") from None
     if not images:
         raise FervitError(f"'{path}' holds no readable rows; {LAYOUT_HINT}")
     usage_t = torch.tensor(usages, dtype=torch.uint8)
@@ -271,3 +384,14 @@ def _read_csv(path: Path, strict: bool, progress: bool):
         skipped=skipped,
     )
     return data, examples
+
+
+def _csv_usage(value: str | None, path: Path, row_no: int) -> int:
+    """The USAGES index of a Usage cell; its case and spaces do not matter, any other spelling is an error."""
+    key = "".join((value or "").split()).lower()
+    if not key:
+        return 0
+    if key not in USAGE_SPELLINGS:
+        raise FervitError(f"'{path}' line {row_no}: unknown Usage '{value}'; expected one of "
+                          f"{', '.join(USAGES[1:])} (or an empty cell)")
+    return USAGE_SPELLINGS[key]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 from fervit.config import RunConfig, resolve_data_root
@@ -84,8 +85,11 @@ def evaluate_checkpoint(checkpoint: str | list[str], split: str = "test", data_r
     results = {}
     if results_path.is_file():
         try:
-            results = json.loads(results_path.read_text())
-        except json.JSONDecodeError:
+            results = json.loads(results_path.read_bytes())
+        except ValueError:
+            results = None
+        if not isinstance(results, dict):
+            warnings.warn(f"'{results_path}' was damaged or not a fervit results file; it is rewritten", stacklevel=2)
             results = {}
     results.update({"model": model_label(meta.model.name, meta.model.backbone),
                     "params": sum(count_parameters(m) for m, _ in models),
@@ -95,7 +99,11 @@ def evaluate_checkpoint(checkpoint: str | list[str], split: str = "test", data_r
     write_json(results_path, results)
     metrics_csv = run_dir / "training_metrics.csv"
     if metrics_csv.is_file():
-        rows = read_metrics_csv(metrics_csv)
+        try:
+            rows = read_metrics_csv(metrics_csv)
+        except FervitError as e:  # the evaluation itself is written; only the training curves are missing
+            warnings.warn(f"{e}; loss and accuracy curves are not drawn", stacklevel=2)
+            rows = []
         if rows:
             curves_png(rows, "loss", out_dir / "loss_curve.png", "cross-entropy loss")
             curves_png(rows, "acc", out_dir / "accuracy_curve.png", "accuracy")

@@ -10,7 +10,10 @@ grey levels, against 28.7 at 4% and 28.2 at -2%), so we add 1%. `face_crop` then
 
 from __future__ import annotations
 
+import errno
 import io
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -18,13 +21,9 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from fervit.data.dataset import IMG_SIZE
+from fervit.data.dataset import IMAGE_FORMATS, IMG_SIZE, MAX_PIXELS, to_8bit
 from fervit.errors import FervitError
 
-# Formats a photo may come in (JPEG covers cameras' MPO files); PIL would also open EPS (through
-# Ghostscript) and other rarities no photo needs.
-IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
-MAX_PIXELS = 50_000_000  # a 50 MP photo decodes to 150 MB of RGB; larger is refused before decoding
 FACE_CROP_MAX_SIDE = 128  # images whose longer side is at most this are taken to be face crops already
 MARGIN = 0.01  # fraction of the box added on every side: a Haar box is already framed like FER-2013
 CASCADE = "haarcascade_frontalface_alt2.xml"
@@ -56,15 +55,23 @@ class Box:
 
 
 def open_image(source: str | Path | bytes | BinaryIO, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Decode a photo (path, bytes or file object), upright per its EXIF orientation; `ImageError` if unusable."""
+    """Decode a photo (path, bytes or file object), upright per its EXIF orientation; `ImageError` if unusable.
+
+    Only regular files are opened (a FIFO would block forever), and the pixel count is checked before decoding.
+    """
     if isinstance(source, bytes):
         source = io.BytesIO(source)
+    if isinstance(source, (str, Path)):
+        _check_regular_file(Path(source))
     try:
         im = Image.open(source, formats=IMAGE_FORMATS)
     except FileNotFoundError:
         raise ImageError("no such file", "missing") from None
     except IsADirectoryError:
         raise ImageError("is a folder", "missing") from None
+    except Image.DecompressionBombError:
+        raise ImageError(f"too large: it declares far more pixels than the {max_pixels / 1e6:g} MP limit "
+                         "(a decompression bomb)", "too_large") from None
     except UnidentifiedImageError:
         fmt = _signature(source)
         if fmt:
@@ -72,16 +79,35 @@ def open_image(source: str | Path | bytes | BinaryIO, max_pixels: int = MAX_PIXE
         raise ImageError("not an image (readable: jpeg, png, webp, bmp, gif, tiff)", "not_image") from None
     except OSError as e:
         raise ImageError(f"cannot read ({e.strerror or e})") from None
+    except Exception as e:  # Pillow's plugins raise ValueError, SyntaxError, struct.error... on malformed headers
+        raise ImageError(f"damaged {_signature(source) or 'image'} header ({e})") from None
     w, h = im.size
     if w * h > max_pixels:
         im.close()
         raise ImageError(f"too large: {w}x{h} pixels is more than the {max_pixels / 1e6:g} MP limit", "too_large")
     try:
         im.load()
-        im = ImageOps.exif_transpose(im)
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        ImageOps.exif_transpose(im, in_place=True)  # in place: a copy of a 25 MP photo is another 75 MB
+        im = to_8bit(im)
+    except Exception as e:  # as above: any failure to decode is this one file's problem
         raise ImageError(f"damaged {im.format} image ({e})") from None
     return im
+
+
+def _check_regular_file(path: Path) -> None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ImageError("broken symbolic link" if path.is_symlink() else "no such file", "missing") from None
+    except OSError as e:
+        why = "symbolic link loop" if e.errno == errno.ELOOP else f"cannot read ({e.strerror or e})"
+        raise ImageError(why, "missing") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageError("is a folder", "missing")
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError("not a regular file (a FIFO, socket or device); skipped", "not_image")
+    if not os.access(path, os.R_OK):
+        raise ImageError("cannot read (permission denied)", "missing")
 
 
 SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM": "BMP", b"II*\x00": "TIFF",
@@ -105,7 +131,8 @@ def _signature(source) -> str | None:
 
 
 def to_gray(im: Image.Image) -> Image.Image:
-    """Mode L exactly as training converts: palette/alpha images go through RGB first."""
+    """Mode L exactly as training converts: palette/alpha images go through RGB first, 16-bit/float are scaled."""
+    im = to_8bit(im)
     if im.mode not in ("L", "RGB"):
         im = im.convert("RGBA").convert("RGB") if "A" in im.mode or im.mode == "P" else im.convert("RGB")
     return im.convert("L")

@@ -251,8 +251,9 @@ def expand_inputs(inputs: Sequence[str], stdin=None) -> list[tuple[str, object]]
         if path.is_dir():
             for p in sorted(path.rglob("*")):
                 rel = p.relative_to(path).parts
-                if p.is_file() and not any(part.startswith(".") for part in rel):  # skip .DS_Store, .git/...
-                    out.append((str(p), p))
+                if any(part.startswith(".") for part in rel) or p.is_dir():  # skip .DS_Store, .git/...
+                    continue
+                out.append((str(p), p))  # FIFOs and broken links too: open_image reports them as skipped
         else:
             out.append((item, path))
     return out

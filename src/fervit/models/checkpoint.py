@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save
 from fervit.config import DataConfig, ModelConfig, from_dict
 from fervit.errors import FervitError
 from fervit.io import atomic_write, write_json
+from fervit.models.validate import check_description, check_model, check_shapes, check_weights
 
 FORMAT = "fervit-model/1"
 WEIGHTS_NAME = "best_model.safetensors"
@@ -105,25 +106,30 @@ class ModelFile:
         if missing:
             raise FervitError(f"'{source}' is an incomplete model description (missing {missing[0]!r}); "
                               "re-export the checkpoint")
+        check_description(d, source)
         try:
             split = d.get("split") or ({"protocol": d["protocol"]} if "protocol" in d else None)
-            return cls(model=from_dict(ModelConfig, d["model"], "model."), classes=[str(c) for c in d["classes"]],
+            meta = cls(model=from_dict(ModelConfig, d["model"], "model."), classes=list(d["classes"]),
                        input=InputSpec(**d["input"]), split=SplitSpec(**split) if split is not None else None,
                        epoch=d.get("epoch"), val_acc=d.get("val_acc"), source_run=d.get("source_run", ""),
                        dtype=d.get("dtype", ""), metrics=dict(d.get("metrics") or {}))
         except (TypeError, ValueError, FervitError) as e:
             raise FervitError(f"'{source}' is a damaged model description ({e}); re-export the checkpoint") from None
+        check_model(meta.model, meta.classes, meta.input.size, source)
+        return meta
 
     @classmethod
     def read(cls, weights: Path) -> ModelFile:
         """The description beside `weights` (same name, .json)."""
         meta_path = weights.with_suffix(".json")
         try:
-            d = json.loads(meta_path.read_text())
+            d = json.loads(meta_path.read_bytes())
         except FileNotFoundError:
             raise FervitError(f"'{meta_path.name}' is missing beside '{weights}'; it says how to rebuild the "
                               "model") from None
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except OSError as e:
+            raise FervitError(f"cannot read '{meta_path}' ({e.strerror or e})") from None
+        except ValueError:  # JSONDecodeError, and UnicodeDecodeError for binary files
             raise FervitError(f"'{meta_path}' is damaged (not valid JSON); re-export the checkpoint") from None
         return cls.from_dict(d, meta_path)
 
@@ -147,6 +153,7 @@ def save_model(model: nn.Module, description: ModelFile, path: str | Path, dtype
     state = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    check_weights(state, path)  # never write a checkpoint that load_model would refuse
     with atomic_write(path, "wb") as f:
         f.write(save(state, metadata={"format": FORMAT}))
     description.write(path)
@@ -176,10 +183,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     weights = find_checkpoint(path)
     meta = ModelFile.read(weights)
     model_cfg = meta.model
+    check_shapes(model_cfg, weights, weights.with_suffix(".json"))  # before anything is allocated
     try:
         state = load_file(weights)
     except (SafetensorError, OSError, ValueError) as e:
         raise FervitError(f"checkpoint '{weights}' is damaged or not a safetensors file ({e})") from None
+    check_weights(state, weights)
     model = build_model(model_cfg)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
