@@ -1,11 +1,18 @@
 """One whole accuracy experiment for one lent GPU command (<= 10 minutes).
 
 Trains several configurations in parallel on one GPU (each a normal `fervit train` run with a
-time budget), then evaluates each with and without mirror TTA and the requested ensembles, and
-packs everything for the trip back: `$OUT/summary.json`, `$OUT/runs.tar.gz` (run folders without
-weights) and `$OUT/<job>.safetensors` for each job's best checkpoint (its .json sidecar is in the tarball).
+time budget), then evaluates each with and without mirror TTA (and ten-crop TTA for models trained on
+crops) and the requested ensembles, and packs everything for the trip back: `$OUT/summary.json`,
+`$OUT/runs.tar.gz` (run folders without weights) and `$OUT/<job>.safetensors` for the best jobs' checkpoints
+in fp16 (their .json sidecars are in the tarball), as many as the device tool brings back (8 files of at most
+16 MiB, 64 MiB in all).
 
-    python scripts/gpu_experiment.py --data /tmp/fer --out $OUT --plan plans/call1.json --budget 420
+    python scripts/gpu_experiment.py --data /tmp/fer --out $OUT --plan scripts/plans/screen.json
+
+A plan is JSON: {"budget": seconds of training per job, "jobs": [{name, preset, set: [...]}],
+"ensembles": {name: [jobs]}}. A job whose preset is "@best" copies the preset and settings of the job with
+the highest PublicTest accuracy in the summary given by --pick-from (a screen's summary.json), then adds its
+own settings: the recipe is chosen on PublicTest, never on PrivateTest.
 """
 
 from __future__ import annotations
@@ -28,7 +35,12 @@ def main() -> int:
     ap.add_argument("--data", required=True, help="dataset root, or a .zip of it (unpacked to /tmp/fer)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--plan", required=True, help="JSON: {jobs: [{name, preset, set: [...]}], ensembles: {name: [jobs]}}")
-    ap.add_argument("--budget", type=float, default=420, help="training seconds per job")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="training seconds per job (default: the plan's budget, else 420)")
+    ap.add_argument("--pick-from", help="a screen's summary.json: what a job with preset @best copies")
+    ap.add_argument("--slice", type=int, default=0, metavar="N",
+                    help="dry run: only the first N images of each class in each of Training, PublicTest and "
+                         "PrivateTest (copied to /tmp/fer_slice)")
     ap.add_argument("--protocol", default="fer2013")
     ap.add_argument("--ckpt-jobs", default="", help="comma-separated jobs whose checkpoints come back (default all)")
     args = ap.parse_args()
@@ -42,18 +54,22 @@ def main() -> int:
             with zipfile.ZipFile(data) as z:
                 z.extractall(target)
         data = target
+    if args.slice:
+        data = data_slice(data, args.slice, Path("/tmp/fer_slice"))
     os.environ.setdefault("FERVIT_CACHE", "/tmp/fervit-cache")
     # decode once before the jobs start, so they all load the cache instead of decoding in parallel
     subprocess.run([sys.executable, "-c", f"from fervit.data.dataset import load_fer; load_fer({str(data)!r}, progress=False)"],
                    check=True)
     print(f"data ready in {time.time() - t0:.0f}s", flush=True)
     plan = json.loads(Path(args.plan).read_text())
+    plan["jobs"] = [resolve_job(job, args.pick_from) for job in plan["jobs"]]
+    budget = args.budget or plan.get("budget", 420)
     runs_root = Path("/tmp/gpu_runs")
     procs = {}
     for job in plan["jobs"]:
         cmd = [sys.executable, "-m", "fervit", "train", "--preset", job["preset"], "--data", str(data),
                "--protocol", job.get("protocol", args.protocol), "--output", str(runs_root / job["name"]), "--quiet",
-               "--set", f"train.time_budget_s={job.get('budget', args.budget)}"]
+               "--set", f"train.time_budget_s={job.get('budget', budget)}"]
         for item in job.get("set", []):
             cmd += ["--set", item]
         log = open(runs_root.parent / f"gpu_{job['name']}.log", "w")
@@ -76,13 +92,14 @@ def main() -> int:
     evals = {}
     for name, run_dir in run_dirs.items():
         for split in ("val", "test"):
-            evals[(name, f"{split}_acc_tta")] = ([run_dir], split, True, Path(f"/tmp/tta_{name}_{split}"))
+            for tta in tta_modes([run_dir]):
+                evals[(name, f"{split}_acc_{TTA_KEY[tta]}")] = ([run_dir], split, tta, Path(f"/tmp/tta_{name}_{split}_{tta}"))
     for ens, members in plan.get("ensembles", {}).items():
         dirs = [run_dirs[m] for m in members if m in run_dirs]
         if len(dirs) >= 2:
             for split in ("val", "test"):
-                for tta in (False, True):
-                    key = f"{split}_acc" + ("_tta" if tta else "")
+                for tta in ("none", *tta_modes(dirs)):
+                    key = f"{split}_acc" + (f"_{TTA_KEY[tta]}" if tta != "none" else "")
                     evals[(f"ens:{ens}", key)] = (dirs, split, tta, Path(f"/tmp/ens_{ens}_{split}_{tta}"))
     with ThreadPoolExecutor(8) as pool:
         accs = dict(zip(evals, pool.map(lambda a: evaluate(data=data, dirs=a[0], split=a[1], tta=a[2], out=a[3]),
@@ -95,7 +112,7 @@ def main() -> int:
             "val_acc": res["val"]["accuracy"], "test_acc": res["test"]["accuracy"],
             "test_macro_f1": res["test"]["macro_avg"]["f1"],
             "disgusted_recall": res["test"]["per_class"]["disgusted"]["recall"],
-            "val_acc_tta": accs[(name, "val_acc_tta")], "test_acc_tta": accs[(name, "test_acc_tta")]}
+            **{k: v for (n, k), v in accs.items() if n == name}, **training_curve(run_dir)}
         print(name, json.dumps(summary["jobs"][name]), flush=True)
     for ens, members in plan.get("ensembles", {}).items():
         keys = {k: v for (n, k), v in accs.items() if n == f"ens:{ens}"}
@@ -103,23 +120,100 @@ def main() -> int:
             summary["ensembles"][ens] = {"members": members, **keys}
             print(ens, json.dumps(summary["ensembles"][ens]), flush=True)
     summary["wall_s"] = time.time() - t0
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
     with tarfile.open(out / "runs.tar.gz", "w:gz") as tar:
         for name, run_dir in run_dirs.items():
             tar.add(run_dir, arcname=f"{name}/{run_dir.name}",
                     filter=lambda ti: None if ti.name.endswith(".safetensors") else ti)
-    wanted = [j for j in args.ckpt_jobs.split(",") if j] or list(run_dirs)
-    for name in wanted[:6]:
-        if name in run_dirs:
-            shutil.copy(run_dirs[name] / "best_model.safetensors", out / f"{name}.safetensors")
+    wanted = [j for j in args.ckpt_jobs.split(",") if j] or sorted(
+        (n for n in run_dirs if "val_acc" in summary["jobs"].get(n, {})), key=lambda n: -summary["jobs"][n]["val_acc"])
+    summary["checkpoints"] = pack_checkpoints(run_dirs, wanted, out)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"done in {time.time() - t0:.0f}s", flush=True)
     return 0
+
+
+TTA_KEY = {"mirror": "tta", "ten_crop": "tta10"}  # summary keys: val_acc_tta, test_acc_tta10, ...
+FILE_LIMIT, TOTAL_LIMIT, MAX_FILES = 16 * 2**20, 64 * 2**20, 8  # what the device tool brings back from $OUT
+
+
+def data_slice(root: Path, n: int, target: Path) -> Path:
+    """A copy of the first n images per class and usage (Training/PublicTest/PrivateTest) of the folder layout."""
+    shutil.rmtree(target, ignore_errors=True)
+    for split in ("train", "test"):
+        for folder in sorted((root / split).iterdir()):
+            files = sorted(folder.iterdir())
+            (target / split / folder.name).mkdir(parents=True)
+            for usage in ("Training", "PublicTest", "PrivateTest"):
+                for f in [f for f in files if f.name.startswith(usage)][:n]:
+                    shutil.copy(f, target / split / folder.name / f.name)
+    return target
+
+
+def resolve_job(job: dict, pick_from: str | None) -> dict:
+    """A plan job; one whose preset is @best becomes the best job (by PublicTest accuracy) of a screen."""
+    if job["preset"] != "@best":
+        return job
+    if not pick_from:
+        raise SystemExit(f"job {job['name']} copies the best job of a screen: give --pick-from SUMMARY.json")
+    screen = json.loads(Path(pick_from).read_text())
+    done = {n: j for n, j in screen["jobs"].items() if "val_acc" in j}
+    best = max(done, key=lambda n: done[n]["val_acc"])  # PublicTest, single model, no TTA
+    source = next(j for j in screen["plan"]["jobs"] if j["name"] == best)
+    print(f"{job['name']}: the screen's best on PublicTest is {best} ({done[best]['val_acc']:.4f})", flush=True)
+    return {**job, "preset": source["preset"], "set": list(source.get("set", [])) + list(job.get("set", [])),
+            "picked": best}
+
+
+def tta_modes(run_dirs) -> list[str]:
+    """Mirror TTA for every model, ten-crop too when every model was trained on crops."""
+    crops = [json.loads((Path(d) / "config.json").read_text())["model"].get("crop_size", 0) for d in run_dirs]
+    return ["mirror", "ten_crop"] if all(crops) else ["mirror"]
+
+
+def training_curve(run_dir: Path) -> dict:
+    """From training_metrics.csv: final training accuracy, training seconds, and (with train.log_test) the
+    training seconds and epochs until PrivateTest accuracy first reached 70% and 73%. Reported only."""
+    import csv
+
+    rows = list(csv.DictReader(open(run_dir / "training_metrics.csv")))
+    out = {"final_train_acc": float(rows[-1]["train_acc"]), "train_s": sum(float(r["seconds"]) for r in rows)}
+    if rows and "test_acc" in rows[0]:
+        out["best_logged_test_acc"] = max(float(r["test_acc"]) for r in rows)
+        for goal in (0.70, 0.73):
+            elapsed = 0.0
+            for r in rows:
+                elapsed += float(r["seconds"])
+                if float(r["test_acc"]) >= goal:
+                    out[f"time_to_{goal:.2f}"] = {"seconds": elapsed, "epoch": int(r["epoch"])}
+                    break
+    return out
+
+
+def pack_checkpoints(run_dirs: dict, wanted: list[str], out: Path) -> dict:
+    """Each wanted job's best checkpoint as `$OUT/<job>.safetensors` in fp16 (how the model would ship),
+    best first, while the files fit what comes back; returns what was packed or why not."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    packed, used = {}, sum(f.stat().st_size for f in out.iterdir()) + 2 * 2**20  # + summary.json, runs.tar.gz
+    for name in wanted:
+        if name not in run_dirs:
+            continue
+        state = {k: v.half() if v.is_floating_point() else v
+                 for k, v in load_file(run_dirs[name] / "best_model.safetensors").items()}
+        size = sum(v.numel() * v.element_size() for v in state.values())
+        if size > FILE_LIMIT or used + size > TOTAL_LIMIT or list(packed.values()).count("fp16") + 2 >= MAX_FILES:
+            packed[name] = f"not packed: {size / 2**20:.1f} MiB in fp16 does not fit what comes back"
+            continue
+        save_file(state, out / f"{name}.safetensors", metadata={"format": "fervit-model/1"})
+        packed[name], used = "fp16", used + size
+    return packed
 
 
 def evaluate(dirs, data, split, tta, out) -> float | None:
     """Accuracy from `fervit evaluate`, or None when it failed (the failure is printed)."""
     cmd = [sys.executable, "-m", "fervit", "evaluate", *map(str, dirs), "--split", split, "--data", str(data),
-           "--output", str(out)] + (["--tta"] if tta else [])
+           "--output", str(out), "--tta", tta]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         print(r.stderr[-1000:], flush=True)

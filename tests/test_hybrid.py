@@ -187,3 +187,27 @@ def test_a_cropping_model_exports_to_onnx_with_a_48px_input_and_ten_crop_works_t
     faces = np.random.default_rng(1).integers(0, 256, (4, 48, 48), dtype=np.uint8)
     torch_probs = Predictor(TorchClassifier(model, torch.device("cpu")), meta, tta="ten_crop").classify(faces)
     np.testing.assert_allclose(Predictor(onnx_model, meta, tta="ten_crop").classify(faces), torch_probs, atol=1e-5)
+
+
+def test_log_test_adds_a_test_column_and_changes_no_choice(tiny_layout, tmp_path):
+    import csv
+    import json
+
+    from fervit.config import RunConfig, apply_overrides
+    from fervit.training.trainer import train
+
+    def run(log_test: bool):
+        cfg = apply_overrides(RunConfig(), [
+            "model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.mlp_dim=64", "model.head_hidden=32",
+            "model.stem_channels=8,16", f"data.root={tiny_layout}", "data.protocol=fer2013", "train.epochs=3",
+            "train.batch_size=16", "train.device=cpu", "train.threads=1", f"train.log_test={log_test}",
+            f"train.output={tmp_path / str(log_test)}"])
+        run_dir = train(cfg, quiet=True)
+        rows = list(csv.DictReader(open(run_dir / "training_metrics.csv")))
+        return rows, json.loads((run_dir / "results.json").read_text())
+
+    (plain, plain_res), (logged, logged_res) = run(False), run(True)
+    assert "test_acc" not in plain[0] and all(0 <= float(r["test_acc"]) <= 1 for r in logged)
+    assert [r["val_acc"] for r in plain] == [r["val_acc"] for r in logged]
+    assert plain_res["best_epoch"] == logged_res["best_epoch"]
+    assert plain_res["test"]["accuracy"] == logged_res["test"]["accuracy"]

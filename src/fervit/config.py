@@ -118,6 +118,8 @@ class TrainConfig:
     time_budget_s: float = 0.0  # >0: after epoch 2, cap epochs to fit this wall time; the cosine re-plans
     tta: Literal["none", "mirror", "ten_crop"] = "none"  # final evaluation: mirror (face + mirror) | ten_crop
     #                                                      (corners + centre, mirrored; needs model.crop_size)
+    log_test: bool = False  # also score the test split after every epoch (`test_acc` in training_metrics.csv), for
+    #                         time-to-accuracy curves only: the epoch is still chosen on validation, nothing on test
     output: str = "runs"
     threads: int = 0  # CPU threads for torch; 0: torch's default
 

@@ -14,6 +14,7 @@ from fervit.errors import FervitError
 from fervit.io import atomic_write
 
 METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")
+OPTIONAL_METRIC_FIELDS = ("test_acc",)  # train.log_test
 
 
 def read_run_config(run_dir: str | Path, action: str) -> RunConfig | None:
@@ -54,7 +55,8 @@ def make_run_dir(output: str | Path, cfg: RunConfig) -> Path:
 
 def write_metrics_csv(path: Path, rows: list[dict]) -> None:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+    extra = tuple(k for k in OPTIONAL_METRIC_FIELDS if rows and k in rows[0])
+    writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS + extra, extrasaction="ignore")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})

@@ -267,6 +267,10 @@ def run_epoch(run: Run, state: TrainState, tb: TensorBoardLog) -> dict:
     val = evaluate_split(run.eval_model, parts.images, parts.labels, run.val_idx, cfg, parts.amp_dtype, ctx)
     row = {"epoch": state.epoch, "lr": lr, "train_loss": tr["loss"], "train_acc": tr["acc"],
            "val_loss": val["loss"], "val_acc": val["acc"], "seconds": time.time() - t0}
+    if cfg.train.log_test:  # reported only (time to an accuracy); never read by anything that chooses
+        test_idx = run.splits.test.to(parts.images.device)
+        row["test_acc"] = evaluate_split(run.eval_model, parts.images, parts.labels, test_idx, cfg, parts.amp_dtype,
+                                         ctx)["acc"]
     state.rows.append(row)
     if run.schedule.epoch_end(val["acc"]):  # a plateau drop
         apply_now(parts.scheduler)

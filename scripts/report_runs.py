@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""Markdown rows for RESULTS.md from the summary.json that `scripts/gpu_experiment.py` brings back.
+
+    python scripts/report_runs.py ../shared/gpu-runs/DATE/callN-summary.json [...]
+
+One row per job (recipe, parameters, epochs, PublicTest, PrivateTest, mirror and ten-crop TTA, disgusted recall,
+and with `train.log_test` the training time until PrivateTest first reached 73%), one per ensemble, and for jobs
+that differ only in `train.seed` their mean and standard deviation. The best job is named by PublicTest
+accuracy: that is the only number anything is chosen on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+from pathlib import Path
+
+
+def pct(x) -> str:
+    return f"{100 * x:.1f}%" if isinstance(x, (int, float)) else "-"
+
+
+def recipe(job: dict) -> str:
+    """`--preset P` plus the job's settings, without the ones every job of an experiment carries."""
+    sets = [s for s in job.get("set", []) if not s.startswith(("train.log_test", "train.epochs="))]
+    return " ".join([f"`--preset {job['preset']}`"] + [f"`{s}`" for s in sets])
+
+
+def job_rows(summary: dict) -> list[str]:
+    plan_jobs = {j["name"]: j for j in summary["plan"]["jobs"]}
+    rows = []
+    for name, r in summary["jobs"].items():
+        if "val_acc" not in r:
+            rows.append(f"| `{name}` | {recipe(plan_jobs[name])} | failed: see its train.log | | | | | | | | |")
+            continue
+        reached = r.get("time_to_0.73")
+        to73 = (f"{reached['seconds']:.0f} s (epoch {reached['epoch']})" if reached else
+                f"not reached (best {pct(r['best_logged_test_acc'])})" if "best_logged_test_acc" in r else "-")
+        rows.append(f"| `{name}` | {recipe(plan_jobs[name])} | {r['params']:,} | {r['epochs']} ({r['best_epoch']}) | "
+                    f"{pct(r.get('final_train_acc'))} | {pct(r['val_acc'])} | **{pct(r['test_acc'])}** | "
+                    f"{pct(r.get('test_acc_tta'))} | {pct(r.get('test_acc_tta10'))} | {pct(r['disgusted_recall'])} | "
+                    f"{to73} |")
+    return rows
+
+
+def seed_groups(summary: dict) -> dict[str, list[str]]:
+    """Jobs whose settings are equal but for train.seed, keyed by their shared recipe."""
+    groups: dict[str, list[str]] = {}
+    for job in summary["plan"]["jobs"]:
+        if "val_acc" not in summary["jobs"].get(job["name"], {}):
+            continue
+        key = recipe({**job, "set": [s for s in job.get("set", []) if not s.startswith("train.seed=")]})
+        groups.setdefault(key, []).append(job["name"])
+    return {k: v for k, v in groups.items() if len(v) >= 2}
+
+
+def mean_std(values: list[float]) -> str:
+    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}%"
+
+
+def report(path: Path) -> str:
+    summary = json.loads(path.read_text())
+    lines = [f"From `{path}` ({summary.get('wall_s', 0):.0f} s for the whole command):", "",
+             "| job | recipe | params | epochs (best) | final train acc | PublicTest | PrivateTest | + mirror TTA | "
+             "+ ten-crop TTA | disgusted recall | training time to 73% PrivateTest |",
+             "|---|---|---|---|---|---|---|---|---|---|---|", *job_rows(summary)]
+    done = {n: r for n, r in summary["jobs"].items() if "val_acc" in r}
+    if done:
+        best = max(done, key=lambda n: done[n]["val_acc"])
+        lines += ["", f"Best on PublicTest: `{best}` ({pct(done[best]['val_acc'])}); its PrivateTest: "
+                      f"{pct(done[best]['test_acc'])}."]
+    for key, names in seed_groups(summary).items():
+        lines += ["", f"{len(names)} seeds of {key} ({', '.join(names)}): PublicTest "
+                      f"{mean_std([done[n]['val_acc'] for n in names])}, PrivateTest "
+                      f"{mean_std([done[n]['test_acc'] for n in names])}"
+                  + (f", with ten-crop {mean_std([done[n]['test_acc_tta10'] for n in names])}"
+                     if all("test_acc_tta10" in done[n] for n in names) else "") + "."]
+    if summary.get("ensembles"):
+        lines += ["", "| ensemble | members | PublicTest | PrivateTest | + mirror TTA | + ten-crop TTA |",
+                  "|---|---|---|---|---|---|"]
+        for name, e in summary["ensembles"].items():
+            lines.append(f"| `{name}` | {', '.join(e['members'])} | {pct(e.get('val_acc'))} | "
+                         f"**{pct(e.get('test_acc'))}** | {pct(e.get('test_acc_tta'))} | {pct(e.get('test_acc_tta10'))} |")
+    packed = summary.get("checkpoints", {})
+    if packed:
+        lines += ["", "Checkpoints brought back: " + ", ".join(
+            f"`{n}` ({re.sub(r'^not packed: ', 'not packed, ', v)})" for n, v in packed.items()) + "."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("summary", nargs="+", type=Path)
+    args = ap.parse_args(argv)
+    print("\n\n".join(report(p) for p in args.summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,92 @@
+"""The GPU plans (scripts/plans/*.json) are valid recipes, and the experiment script picks and reports honestly."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from fervit.config import apply_overrides, load_preset
+from fervit.models import build_model
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+PLANS = sorted((SCRIPTS / "plans").glob("*.json"))
+H200_RUNS = Path(__file__).resolve().parents[2] / "shared" / "gpu-runs" / "2026-11-29"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=[p.stem for p in PLANS])
+def test_every_plan_job_is_a_valid_recipe_whose_model_builds(plan):
+    data = json.loads(plan.read_text())
+    # training, plus start-up, overrun, evaluations and packing: 93 s for 4 jobs and 113 s for 5 on the H200
+    # (2026-11-29), so about 40 s + 25 s per job leaves room for the ten-crop evaluations; all in 9 minutes
+    assert data.get("budget", 420) + 40 + 25 * len(data["jobs"]) <= 9 * 60
+    for job in data["jobs"]:
+        preset = "hybrid" if job["preset"] == "@best" else job["preset"]
+        cfg = apply_overrides(load_preset(preset), job.get("set", []))
+        assert not (cfg.train.tta == "ten_crop" and not cfg.model.crop_size), job["name"]
+        build_model(cfg.model)
+    for members in data.get("ensembles", {}).values():
+        assert set(members) <= {j["name"] for j in data["jobs"]}
+
+
+def test_the_new_plans_report_the_time_to_73_percent_and_ship_sized_models():
+    for name in ("screen", "screen_vit", "seeds", "solo"):
+        data = json.loads((SCRIPTS / "plans" / f"{name}.json").read_text())
+        assert all("train.log_test=true" in job["set"] for job in data["jobs"])
+
+
+def summary_of(jobs: dict[str, tuple[float, float]], sets: dict[str, list[str]] | None = None) -> dict:
+    sets = sets or {}
+    return {"plan": {"jobs": [{"name": n, "preset": "hybrid", "set": sets.get(n, [])} for n in jobs]},
+            "jobs": {n: {"val_acc": v, "test_acc": t, "params": 1, "epochs": 3, "best_epoch": 2,
+                         "disgusted_recall": 0.1} for n, (v, t) in jobs.items()},
+            "ensembles": {}}
+
+
+def test_best_picks_the_job_with_the_highest_publictest_accuracy_never_privatetest(tmp_path):
+    gpu = load_script("gpu_experiment")
+    screen = tmp_path / "screen.json"
+    screen.write_text(json.dumps(summary_of({"a": (0.70, 0.75), "b": (0.72, 0.71)}, {"b": ["optim.name=sgd"]})))
+    job = gpu.resolve_job({"name": "s1", "preset": "@best", "set": ["train.seed=1"]}, str(screen))
+    assert job["picked"] == "b" and job["set"] == ["optim.name=sgd", "train.seed=1"]
+    with pytest.raises(SystemExit, match="--pick-from"):
+        gpu.resolve_job({"name": "s1", "preset": "@best"}, None)
+
+
+def test_the_time_to_an_accuracy_is_read_off_the_logged_test_column(tmp_path):
+    gpu = load_script("gpu_experiment")
+    rows = ["epoch,lr,train_loss,train_acc,val_loss,val_acc,seconds,test_acc",
+            "1,0.1,1,0.5,1,0.5,10,0.60", "2,0.1,1,0.6,1,0.6,10,0.71", "3,0.1,1,0.7,1,0.7,10,0.735"]
+    (tmp_path / "training_metrics.csv").write_text("\n".join(rows) + "\n")
+    curve = gpu.training_curve(tmp_path)
+    assert curve["time_to_0.70"] == {"seconds": 20.0, "epoch": 2}
+    assert curve["time_to_0.73"] == {"seconds": 30.0, "epoch": 3}
+    assert curve["final_train_acc"] == 0.7 and curve["best_logged_test_acc"] == 0.735
+
+
+def test_the_report_gives_seed_means_and_names_the_publictest_best(tmp_path):
+    report = load_script("report_runs")
+    path = tmp_path / "summary.json"
+    sets = {f"s{i}": [f"train.seed={i}", "train.log_test=true"] for i in range(3)}
+    path.write_text(json.dumps(summary_of({"s0": (0.70, 0.72), "s1": (0.71, 0.74), "s2": (0.72, 0.73)}, sets)))
+    text = report.report(path)
+    assert "Best on PublicTest: `s2` (72.0%); its PrivateTest: 73.0%." in text
+    assert "PublicTest 71.0 ± 1.0%, PrivateTest 73.0 ± 1.0%" in text
+
+
+@pytest.mark.skipif(not (H200_RUNS / "call1-summary.json").is_file(), reason="the H200 runs are not beside the repo")
+def test_the_report_reads_the_first_h200_summary():
+    text = load_script("report_runs").report(H200_RUNS / "call1-summary.json")
+    assert "| `cnn_deep` |" in text and "**62.4%**" in text
+    assert "Best on PublicTest: `cnn_deep` (61.1%)" in text
