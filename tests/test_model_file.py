@@ -45,3 +45,17 @@ def test_a_description_of_another_format_or_with_damaged_fields_is_one_clear_err
     d["input"] = {"size": 48, "colour": "yes"}
     with pytest.raises(FervitError, match="'x.json' is a damaged model description"):
         ModelFile.from_dict(d, "x.json")
+
+
+def test_evaluate_feeds_the_model_the_normalisation_its_file_records(tiny_layout, tmp_path):
+    from fervit.evaluation.rerun import evaluate_checkpoint
+
+    weights = save_tiny_checkpoint(tmp_path / "run")
+    losses = []
+    for std in (0.5, 0.25):
+        meta = json.loads(weights.with_suffix(".json").read_text())
+        meta["input"]["std"] = std
+        weights.with_suffix(".json").write_text(json.dumps(meta))
+        evaluate_checkpoint(str(weights), data_root=str(tiny_layout), device="cpu", output=str(tmp_path / f"o{std}"))
+        losses.append(json.loads((tmp_path / f"o{std}" / "results.json").read_text())["test"]["loss"])
+    assert losses[0] != losses[1]  # the recorded std reached the model's input

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fervit.data.augment import normalize, tta_mode, tta_views
+from fervit.data.augment import MEAN, STD, normalize, tta_mode, tta_views
 from fervit.data.dataset import CLASSES
 from fervit.device import autocast
 from fervit.evaluation.metrics import classification_report, confusion_matrix
@@ -25,16 +25,18 @@ def model_crop_size(model: nn.Module) -> int:
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: torch.Tensor, indices: torch.Tensor, batch_size: int = 1024,
-                   amp_dtype: torch.dtype | None = None, tta: bool | str = False) -> torch.Tensor:
+                   amp_dtype: torch.dtype | None = None, tta: bool | str = False,
+                   input_spec: tuple[float, float] = (MEAN, STD)) -> torch.Tensor:
     """Logits (N, C) float32 for images[indices], no augmentation; with `tta` (mirror or ten_crop, see
-    `tta_views`) the average of the views' log-probabilities."""
+    `tta_views`) the average of the views' log-probabilities. `input_spec`: the (mean, std) the model's
+    file records (fervit trains with MEAN and STD)."""
     model.eval()
     device = images.device
     mode = tta_mode(tta)
     crop = model_crop_size(model)
     out = []
     for start in range(0, len(indices), batch_size):
-        x = normalize(images[indices[start:start + batch_size]])
+        x = normalize(images[indices[start:start + batch_size]], *input_spec)
         with autocast(device, amp_dtype):
             if mode == "none":
                 logits = model(x).float()
@@ -46,9 +48,10 @@ def predict_logits(model: nn.Module, images: torch.Tensor, indices: torch.Tensor
 
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
-             batch_size: int = 1024, amp_dtype: torch.dtype | None = None, tta: bool = False) -> dict:
+             batch_size: int = 1024, amp_dtype: torch.dtype | None = None, tta: bool | str = False,
+             input_spec: tuple[float, float] = (MEAN, STD)) -> dict:
     """Loss, accuracy and predictions on one split; stays on the device until the final read."""
-    logits = predict_logits(model, images, indices, batch_size, amp_dtype, tta)
+    logits = predict_logits(model, images, indices, batch_size, amp_dtype, tta, input_spec)
     y = labels[indices]
     loss = F.cross_entropy(logits, y) if len(y) else torch.tensor(0.0)
     preds = logits.argmax(-1)

@@ -74,9 +74,9 @@ def evaluate_checkpoint(checkpoint: str | list[str], split: str = "test", data_r
     images, labels, idx_dev = data.images.to(dev), data.labels.to(dev), idx.to(dev)
     try:
         if len(models) == 1:
-            res = evaluate(model, images, labels, idx_dev, 1024, amp, tta)
+            res = evaluate(model, images, labels, idx_dev, 1024, amp, tta, (meta.input.mean, meta.input.std))
         else:
-            res = evaluate_ensemble([m for m, _ in models], images, labels, idx_dev, amp, tta)
+            res = evaluate_ensemble(models, images, labels, idx_dev, amp, tta)
     except ValueError as e:  # ten-crop asked of a model that takes the whole face
         raise FervitError(f"{weights}: {e}") from None
     figure = "confusion_matrix.png" if split == "test" else "confusion_matrix_val.png"
@@ -113,10 +113,12 @@ def evaluate_checkpoint(checkpoint: str | list[str], split: str = "test", data_r
 
 
 def evaluate_ensemble(models, images, labels, indices, amp_dtype, tta: bool | str) -> dict:
-    """Average the members' softmax probabilities; the result has evaluate()'s shape."""
+    """Average the members' softmax probabilities; the result has evaluate()'s shape. `models`: (model, its
+    ModelFile) pairs, each fed with the normalisation its file records."""
     import torch.nn.functional as F
 
-    probs = sum(F.softmax(predict_logits(m, images, indices, 1024, amp_dtype, tta), -1) for m in models) / len(models)
+    probs = sum(F.softmax(predict_logits(m, images, indices, 1024, amp_dtype, tta, (meta.input.mean, meta.input.std)), -1)
+                for m, meta in models) / len(models)
     logp = probs.clamp(min=1e-12).log()
     y = labels[indices]
     return {"loss": float(F.nll_loss(logp, y)), "acc": float((probs.argmax(-1) == y).float().mean()),
