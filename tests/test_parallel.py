@@ -106,3 +106,9 @@ def test_a_bad_plan_is_a_one_line_error_before_anything_runs(tmp_path, capsys, p
 def test_seeds_must_be_distinct_integers(capsys):
     assert main(["train", "--seeds", "0,x"]) == 2
     assert "--seeds" in capsys.readouterr().err
+
+
+def test_a_job_that_outlives_its_timeout_is_stopped_and_reported(tmp_path):
+    (hung,) = run_jobs([python_job(tmp_path, "hung", "import time; time.sleep(60)")], parallel=1, progress=None,
+                       timeout_s=0.5)
+    assert not hung.ok and hung.error == "timed out after 0.5s" and hung.seconds < 30

@@ -117,12 +117,14 @@ class ProgressDisplay:
 
 
 def run_jobs(jobs: list[Job], parallel: int, *, mps: str = "off", progress: TextIO | None = sys.stderr,
-             on_start: Callable[[Job], None] | None = None, poll_s: float = 0.2) -> list[JobResult]:
+             on_start: Callable[[Job], None] | None = None, timeout_s: float | None = None,
+             poll_s: float = 0.2) -> list[JobResult]:
     """Run every job, at most `parallel` at a time; returns one result per job, in the jobs' order.
 
     A failed job costs only itself: the others run on, and its result carries a one-line `error`.
     `mps`: "auto" uses CUDA MPS when the machine has it, "on" asks for it (a note when absent), "off".
-    `progress`: where the one-line-per-job display goes (None: silent).
+    `progress`: where the one-line-per-job display goes (None: silent). `timeout_s`: a job running longer
+    is terminated and fails with "timed out".
     """
     if parallel < 1:
         raise FervitError(f"--parallel must be at least 1, got {parallel}")
@@ -148,14 +150,24 @@ def run_jobs(jobs: list[Job], parallel: int, *, mps: str = "off", progress: Text
                     proc = subprocess.Popen(job.cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
                     running[job.name] = (proc, log, time.monotonic())
                 for name, (proc, log, t0) in list(running.items()):
-                    if proc.poll() is None:
+                    timed_out = timeout_s is not None and time.monotonic() - t0 > timeout_s
+                    if proc.poll() is None and not timed_out:
                         continue
+                    if timed_out and proc.poll() is None:
+                        proc.terminate()
+                        with contextlib.suppress(subprocess.TimeoutExpired):
+                            proc.wait(timeout=10)
+                        if proc.poll() is None:
+                            proc.kill()
+                            proc.wait()
                     log.close()
                     del running[name]
                     job = by_name[name]
                     rc = proc.returncode
-                    results[name] = JobResult(name, rc, time.monotonic() - t0, job.log, job.run_dir,
-                                              "" if rc == 0 else f"exit {rc}: {last_error_line(job.log)}")
+                    error = (f"timed out after {timeout_s:g}s" if timed_out else
+                             "" if rc == 0 else f"exit {rc}: {last_error_line(job.log)}")
+                    results[name] = JobResult(name, rc if not timed_out else -1, time.monotonic() - t0, job.log,
+                                              job.run_dir, error)
                 display.update(_states(jobs, results, running), force=not running and not waiting)
                 if running:
                     time.sleep(poll_s)
