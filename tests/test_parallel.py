@@ -108,6 +108,11 @@ def test_seeds_must_be_distinct_integers(capsys):
     assert "--seeds" in capsys.readouterr().err
 
 
+def test_parallel_without_several_runs_is_a_one_line_error(capsys):
+    assert main(["train", "--parallel", "2"]) == 2
+    assert "--seeds or --jobs" in capsys.readouterr().err
+
+
 def test_a_job_that_outlives_its_timeout_is_stopped_and_reported(tmp_path):
     (hung,) = run_jobs([python_job(tmp_path, "hung", "import time; time.sleep(60)")], parallel=1, progress=None,
                        timeout_s=0.5)

@@ -74,6 +74,8 @@ def run_train(args) -> int:
         raise FervitError("give either --resume RUN_DIR or --run-dir DIR, not both")
     if args.seeds or args.jobs:
         return run_train_jobs(args)
+    if args.parallel is not None:
+        raise FervitError("--parallel sets how many of --seeds or --jobs run at once; give one of them")
     cfg = config_from_args(args)
     run_dir = args.resume or args.run_dir
     resume = bool(args.resume) or (run_dir is not None and (Path(run_dir) / "config.json").is_file())
