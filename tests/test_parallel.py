@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,3 +119,48 @@ def test_a_job_that_outlives_its_timeout_is_stopped_and_reported(tmp_path):
     (hung,) = run_jobs([python_job(tmp_path, "hung", "import time; time.sleep(60)")], parallel=1, progress=None,
                        timeout_s=0.5)
     assert not hung.ok and hung.error == "timed out after 0.5s" and hung.seconds < 30
+
+
+def test_seeds_make_one_train_job_per_seed_each_with_its_own_run_folder(tmp_path, monkeypatch, capsys):
+    launched = []
+
+    def record(jobs, parallel, **kwargs):
+        launched.extend(jobs)
+        return [parallel_result(job) for job in jobs]
+
+    def parallel_result(job):
+        return parallel.JobResult(job.name, 0, 0.0, job.log, job.run_dir)
+
+    monkeypatch.setattr(parallel, "run_jobs", record)
+    rc = main(["train", "--preset", "tiny", "--seeds", "3,5", "--parallel", "1", "--output", str(tmp_path),
+               "--device", "cpu", "--set", "train.epochs=1"])
+    assert rc == 0
+    assert [job.name for job in launched] == ["seed3", "seed5"]
+    for job, seed in zip(launched, (3, 5)):
+        argv = job.cmd[job.cmd.index("train") + 1:]
+        assert argv[argv.index("--seed") + 1] == str(seed) and "train.epochs=1" in argv
+        assert job.run_dir.parent.parent == tmp_path and job.run_dir.name == f"seed{seed}"
+        assert job.log == job.run_dir / "train.log"
+    assert launched[0].run_dir.parent.name.endswith("_tiny_seeds")
+
+
+def test_mps_daemon_is_started_for_the_jobs_with_private_folders_and_stopped_after(tmp_path, monkeypatch):
+    # stand-ins for the NVIDIA tools: the control program records each call (arguments, stdin, pipe folder)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls.txt"
+    control = bin_dir / "nvidia-cuda-mps-control"
+    control.write_text(f"#!/bin/sh\nstdin=''\n[ \"$1\" = -d ] || stdin=$(cat)\n"
+                       f"echo \"$* | $stdin | $CUDA_MPS_PIPE_DIRECTORY\" >> {calls}\n")
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    code = "import os; print(os.environ.get('CUDA_MPS_PIPE_DIRECTORY', 'none'))"
+    jobs = [python_job(tmp_path, f"j{i}", code) for i in range(2)]
+    run_jobs(jobs, parallel=2, mps="auto", progress=None)
+    start, stop = calls.read_text().splitlines()
+    pipe = start.split(" | ")[2]
+    assert start.startswith("-d |") and stop.startswith(" | quit |") and stop.endswith(pipe)
+    assert all(job.log.read_text().strip() == pipe for job in jobs)  # the jobs joined that daemon
+    assert not Path(pipe).exists()  # its folders are gone after
