@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -41,7 +42,9 @@ def measure_concurrency(preset: str, counts: tuple[int, ...], *, device: str, ba
                    "--images", str(images), "--threads", str(threads), "--compile-backend", compile_backend,
                    "--barrier", str(run / "barrier"), "--processes", str(n), "--seed", str(i),
                    "--out", str(run / f"worker{i}.json")]
-            jobs.append(Job(f"x{n}.{i}", cmd, run / f"worker{i}.log"))
+            # n processes compiling at once share the CPUs instead of each starting a worker per CPU
+            env = {"TORCHINDUCTOR_COMPILE_THREADS": str(max((os.cpu_count() or 1) // n, 1))}
+            jobs.append(Job(f"x{n}.{i}", cmd, run / f"worker{i}.log", env=env))
         results = run_jobs(jobs, parallel=n, mps=mps, progress=None, timeout_s=timeout_s)
         failed = [r for r in results if not r.ok]
         row = {"processes": n, "mps": mps != "off" and n > 1 and mps_available()}
@@ -138,7 +141,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import os
-
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI does; torch is imported later
     raise SystemExit(main())

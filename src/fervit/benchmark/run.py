@@ -147,6 +147,9 @@ def run_benchmark(root: str | Path, cfg: BenchConfig, device: torch.device, cach
     step_model = cfg.step_model or cfg.models[0]
     presets = {name: load_preset(name) for name in (*cfg.models, step_model)}  # unknown names fail before timing
     torchvision_transforms()  # so do missing extras
+    # first, while this process holds no CUDA context: CUDA MPS serves the worker processes best with no
+    # other (non-MPS) context on the GPU
+    concurrency = _concurrency_rows(step_model, cfg, device, stages) if cfg.concurrency else []
     kornia = kornia_augment(AugmentConfig()).to(device)
     workers = cfg.workers or _cpu_count()
     few = cfg.few_workers or workers
@@ -214,6 +217,7 @@ def run_benchmark(root: str | Path, cfg: BenchConfig, device: torch.device, cach
         "bf16_peak_tflops": peak,
         "peak_mem_kind": peak_memory_kind(device),
         "models": {},
+        "concurrency": concurrency,  # measured first (see above); TFLOP/s added once the FLOPs are counted
     }
 
     def partial() -> None:
@@ -245,29 +249,31 @@ def run_benchmark(root: str | Path, cfg: BenchConfig, device: torch.device, cach
     result["fused_attention"] = fused_attention_backend(device, head_dim=head_dim, heads=step_preset.model.num_heads)
     partial()
 
-    # --- several models at once, one process each ------------------------------------------------
-    result["concurrency"] = []
-    if cfg.concurrency:
-        mode = _concurrency_mode(cfg, device)
-        steps = cfg.concurrency_steps or cfg.train_steps or 200
-        stages.next(f"{step_model}: {', '.join(map(str, cfg.concurrency))} models trained at once ({mode}, "
-                    f"{steps} steps of {bs} each)")
-        import tempfile
-
-        from fervit.benchmark.concurrent import measure_concurrency
-
-        with tempfile.TemporaryDirectory(prefix="fervit-bench-") as folder:
-            rows = measure_concurrency(step_model, cfg.concurrency, device=str(device), batch_size=bs, steps=steps,
-                                       warmup=max(cfg.warmup_steps, 1), mode=mode, folder=Path(folder),
-                                       threads=1 if device.type == "cpu" else 0,
-                                       compile_backend=cfg.compile_backend)
-        for row in rows:
-            row.update({"mode": mode, "batch_size": bs, "steps": steps})
-            if "images_s" in row:
-                _add_tflops(row, gflops, peak, key="images_s")
-        result["concurrency"] = rows
-        partial()
+    for row in concurrency:
+        if "images_s" in row:
+            _add_tflops(row, gflops, peak, key="images_s")
+    partial()
     return result
+
+
+def _concurrency_rows(step_model: str, cfg: BenchConfig, device: torch.device, stages: Stages) -> list[dict]:
+    """Aggregate img/s of 1, 2, 4, 8 models trained at once, one process each (`benchmark.concurrent`)."""
+    import tempfile
+
+    from fervit.benchmark.concurrent import measure_concurrency
+
+    mode = _concurrency_mode(cfg, device)
+    steps = cfg.concurrency_steps or cfg.train_steps or 200
+    bs = cfg.batch_size
+    stages.next(f"{step_model}: {', '.join(map(str, cfg.concurrency))} models trained at once ({mode}, "
+                f"{steps} steps of {bs} each)")
+    with tempfile.TemporaryDirectory(prefix="fervit-bench-") as folder:
+        rows = measure_concurrency(step_model, cfg.concurrency, device=str(device), batch_size=bs, steps=steps,
+                                   warmup=max(cfg.warmup_steps, 1), mode=mode, folder=Path(folder),
+                                   threads=1 if device.type == "cpu" else 0, compile_backend=cfg.compile_backend)
+    for row in rows:
+        row.update({"mode": mode, "batch_size": bs, "steps": steps})
+    return rows
 
 
 def _add_tflops(row: dict, gflops_per_image: float, peak: float | None, key: str = "train_images_s") -> None:
