@@ -1,8 +1,9 @@
 """One whole accuracy experiment for one lent GPU command (<= 10 minutes).
 
 Trains several configurations in parallel on one GPU (each a normal `fervit train` run with a
-time budget), then evaluates each with and without mirror TTA (and ten-crop TTA for models trained on
-crops) and the requested ensembles, and packs everything for the trip back: `$OUT/summary.json`,
+time budget, launched by `fervit.training.parallel.run_jobs` under CUDA MPS where available, its
+log in its run folder), then evaluates each with and without mirror TTA (and ten-crop TTA for models trained
+on crops) and the requested ensembles, and packs everything for the trip back: `$OUT/summary.json`,
 `$OUT/runs.tar.gz` (run folders without weights) and `$OUT/<job>.safetensors` for the best jobs' checkpoints
 in fp16 (their .json sidecars are in the tarball), as many as the device tool brings back (8 files of at most
 16 MiB, 64 MiB in all).
@@ -29,6 +30,8 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from fervit.training.parallel import run_jobs, train_job
+
 
 def main() -> int:
     ap = argparse.ArgumentParser()
@@ -42,6 +45,8 @@ def main() -> int:
                     help="dry run: only the first N images of each class in each of Training, PublicTest and "
                          "PrivateTest (copied to /tmp/fer_slice)")
     ap.add_argument("--protocol", default="fer2013")
+    ap.add_argument("--parallel", type=int, default=0, help="jobs at a time (default: all)")
+    ap.add_argument("--mps", choices=["auto", "on", "off"], default="auto", help="CUDA MPS for the jobs")
     ap.add_argument("--ckpt-jobs", default="", help="comma-separated jobs whose checkpoints come back (default all)")
     args = ap.parse_args()
     t0 = time.time()
@@ -65,29 +70,23 @@ def main() -> int:
     plan["jobs"] = [resolve_job(job, args.pick_from) for job in plan["jobs"]]
     budget = args.budget or plan.get("budget", 420)
     runs_root = Path("/tmp/gpu_runs")
-    procs = {}
+    jobs, cmds = [], {}
     for job in plan["jobs"]:
-        cmd = [sys.executable, "-m", "fervit", "train", "--preset", job["preset"], "--data", str(data),
-               "--protocol", job.get("protocol", args.protocol), "--output", str(runs_root / job["name"]), "--quiet",
-               "--set", f"train.time_budget_s={job.get('budget', budget)}"]
+        train_args = ["--preset", job["preset"], "--data", str(data), "--protocol", job.get("protocol", args.protocol),
+                      "--set", f"train.time_budget_s={job.get('budget', budget)}"]
         for item in job.get("set", []):
-            cmd += ["--set", item]
-        log = open(runs_root.parent / f"gpu_{job['name']}.log", "w")
-        procs[job["name"]] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log, cmd)
-    for name, (p, log, cmd) in procs.items():
-        p.wait()
-        log.close()
-        print(f"{name}: exit {p.returncode} at {time.time() - t0:.0f}s", flush=True)
+            train_args += ["--set", item]
+        jobs.append(train_job(job["name"], train_args, runs_root / job["name"]))
+        cmds[job["name"]] = " ".join(jobs[-1].cmd)
+    # every job its own process on the one GPU, under CUDA MPS where the machine has it
+    results = run_jobs(jobs, parallel=args.parallel or len(jobs), mps=args.mps, progress=sys.stdout)
     summary = {"plan": plan, "jobs": {}, "ensembles": {}, "wall_s": None}
     run_dirs = {}
-    for job in plan["jobs"]:
-        name = job["name"]
-        found = sorted((runs_root / name).glob("*/results.json"))
-        if not found:
-            summary["jobs"][name] = {"error": Path(f"/tmp/gpu_{name}.log").read_text()[-3000:]}
+    for r in results:
+        if not r.ok or not (r.run_dir / "results.json").is_file():
+            summary["jobs"][r.name] = {"error": r.error or "no results.json", "log": r.log.read_text()[-3000:]}
             continue
-        run_dirs[name] = found[-1].parent
-        shutil.copy(f"/tmp/gpu_{name}.log", run_dirs[name] / "train.log")
+        run_dirs[r.name] = r.run_dir
     # every extra evaluation is its own `fervit evaluate` process; run them side by side
     evals = {}
     for name, run_dir in run_dirs.items():
@@ -107,7 +106,7 @@ def main() -> int:
     for name, run_dir in run_dirs.items():
         res = json.loads((run_dir / "results.json").read_text())
         summary["jobs"][name] = {
-            "run": run_dir.name, "cmd": " ".join(procs[name][2]), "params": res["params"],
+            "run": run_dir.name, "cmd": cmds[name], "params": res["params"],
             "epochs": res["epochs_completed"], "best_epoch": res["best_epoch"], "wall_s": res["wall_seconds"],
             "val_acc": res["val"]["accuracy"], "test_acc": res["test"]["accuracy"],
             "test_macro_f1": res["test"]["macro_avg"]["f1"],

@@ -6,8 +6,10 @@ No timing is asserted here: the numbers live in BENCHMARKS.md, measured on purpo
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
+from contextlib import redirect_stdout
 
 import pytest
 import torch
@@ -16,13 +18,16 @@ from fervit.cli import main
 from fervit.config import AugmentConfig
 from fervit.data.augment import normalize
 from fervit.errors import FervitError
+from tests.conftest import make_layout
 
 PIPELINE_KEYS = {"train_images_s", "epoch_s", "eval_images_s", "latency_ms", "peak_mem_mib", "tflops",
                  "peak_fraction"}
 MODEL_KEYS = {"params", "batch_size", "compiled", "forward_gflops_per_image", "train_gflops_per_image", "fervit",
-              "usual", "train_ratio", "eval_ratio"}
-TOP_KEYS = {"command", "date_utc", "machine", "settings", "dataset", "data_path", "data_path_ratio", "kornia_ratio",
-            "bf16_peak_tflops", "peak_mem_kind", "models", "table"}
+              "usual", "usual_few", "train_ratio", "train_ratio_few", "eval_ratio", "breakdown"}
+TOP_KEYS = {"command", "date_utc", "machine", "settings", "dataset", "data_path", "data_path_ratio",
+            "data_path_ratio_few", "kornia_ratio", "bf16_peak_tflops", "peak_mem_kind", "models", "step_model",
+            "step_modes", "fused_attention", "concurrency", "table"}
+PHASES = {"data_augment", "forward", "backward", "optimizer"}
 
 
 @pytest.fixture(scope="module")
@@ -40,21 +45,29 @@ def positive(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
-def test_quick_bench_prints_the_table_and_writes_json_of_the_documented_shape(bench_extras, tiny_layout, tmp_path,
-                                                                              capsys):
-    out = tmp_path / "bench.json"
-    # the tiny preset and a handful of images keep this a smoke run of every code path
-    rc = main(["bench", "--quick", "--data", str(tiny_layout), "--json", str(out), "--models", "tiny",
-               "--batch-size", "4", "--steps", "1", "--data-images", "16", "--eval-images", "8", "--repeats", "1",
-               "--quiet"])
+@pytest.fixture(scope="module")
+def quick_bench(bench_extras, tmp_path_factory):
+    """One --quick run on a tiny layout: the tiny preset and a handful of images keep it a smoke run of every
+    code path, every row included."""
+    tmp = tmp_path_factory.mktemp("bench")
+    layout = make_layout(tmp / "fer")
+    out = tmp / "bench.json"
+    printed = io.StringIO()
+    with redirect_stdout(printed):
+        rc = main(["bench", "--quick", "--data", str(layout), "--json", str(out), "--models", "tiny",
+                   "--batch-size", "4", "--steps", "1", "--data-images", "16", "--eval-images", "8", "--repeats", "1",
+                   "--few-workers", "1", "--quiet"])
     assert rc == 0
-    printed = capsys.readouterr().out
-    d = json.loads(out.read_text())
-    assert TOP_KEYS <= set(d)
+    return json.loads(out.read_text()), printed.getvalue()
+
+
+def test_quick_bench_prints_the_table_and_writes_json_of_the_documented_shape(quick_bench):
+    d, printed = quick_bench
+    assert TOP_KEYS <= set(d) and "partial" not in d
     assert d["table"] in printed and "fervit/usual" in printed
     assert d["command"].startswith("fervit bench --quick")
     assert d["machine"]["torch"] == torch.__version__ and d["machine"]["cpu_count"] >= 1
-    assert set(d["data_path"]) == {"fervit", "kornia", "usual"}
+    assert set(d["data_path"]) == {"fervit", "kornia", "usual", "usual_few"}
     assert all(positive(p["images_s"]) for p in d["data_path"].values())
     assert math.isclose(d["data_path_ratio"], d["data_path"]["fervit"]["images_s"] / d["data_path"]["usual"]["images_s"])
     assert d["dataset"]["train_images"] == 28 and d["dataset"]["test_images"] == 56
@@ -67,6 +80,51 @@ def test_quick_bench_prints_the_table_and_writes_json_of_the_documented_shape(be
     assert math.isclose(row["train_ratio"], row["fervit"]["train_images_s"] / row["usual"]["train_images_s"])
     assert row["train_gflops_per_image"] > row["forward_gflops_per_image"] > 0
     assert math.isclose(row["fervit"]["epoch_s"] * row["fervit"]["train_images_s"], 28_709)
+
+
+def test_the_usual_pipeline_is_timed_with_all_cpus_and_with_few_workers(quick_bench):
+    d, _ = quick_bench
+    assert d["data_path"]["usual_few"]["workers"] == 1 == d["settings"]["few_workers"]
+    assert d["data_path"]["usual"]["workers"] == d["settings"]["workers"]
+    row = d["models"]["tiny"]
+    assert row["usual_few"]["workers"] == 1 and positive(row["usual_few"]["train_images_s"])
+    assert math.isclose(row["train_ratio_few"], row["fervit"]["train_images_s"] / row["usual_few"]["train_images_s"])
+    assert "usual 1w" in d["table"]
+
+
+def test_the_step_breakdown_has_the_four_phases_in_milliseconds(quick_bench):
+    d, _ = quick_bench
+    b = d["models"]["tiny"]["breakdown"]
+    assert set(b["wall_ms"]) == PHASES and all(positive(v) for v in b["wall_ms"].values())
+    assert "device_ms" not in b  # torch.profiler's device time is CUDA only
+    assert "where a training step's time goes" in d["table"]
+
+
+def test_step_mode_rows_cover_every_mode_batch_size_and_channels_last(quick_bench):
+    d, _ = quick_bench
+    rows = d["step_modes"]
+    plain = {(r["mode"], r["batch_size"]) for r in rows if not r["channels_last"]}
+    assert plain == {("eager", 4), ("eager", 8), ("eager", 16), ("compile", 4), ("cuda_graph", 4), ("cuda_graph", 8),
+                     ("cuda_graph", 16)}
+    assert {r["mode"] for r in rows if r["channels_last"]} == {"eager", "compile", "cuda_graph"}
+    for r in rows:
+        assert positive(r["train_images_s"]) and positive(r["tflops"])
+        assert r["lr"] == pytest.approx(1e-3 * math.sqrt(r["batch_size"] / 4))  # the tiny preset's lr at batch 4
+    # a CPU has no CUDA graphs: those rows say they ran eagerly, and why
+    assert all(r["mode_used"] == "eager" and "CUDA" in r["note"] for r in rows if r["mode"] == "cuda_graph")
+    assert d["fused_attention"]["fused"] is False
+
+
+def test_concurrency_rows_give_the_aggregate_throughput_of_models_trained_at_once(quick_bench):
+    d, _ = quick_bench
+    rows = d["concurrency"]
+    assert [r["processes"] for r in rows] == [1, 2]
+    for r in rows:
+        assert "error" not in r, r.get("error")
+        assert positive(r["images_s"]) and len(r["per_process_images_s"]) == r["processes"]
+        assert r["images_s"] <= sum(r["per_process_images_s"]) * 1.001  # the window spans every process's own
+    assert rows[0]["x_one"] == 1.0
+    assert "models trained at once" in d["table"]
 
 
 def test_missing_data_folder_is_a_one_line_error(tmp_path, capsys):

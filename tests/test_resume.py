@@ -15,7 +15,7 @@ import pytest
 from conftest import make_layout
 from helpers import tiny_run_config
 
-import fervit.training.epoch as epoch_module
+import fervit.training.step as epoch_module  # the step draws the augmentation
 import fervit.training.resume as resume
 from fervit.cli import main
 from fervit.training.resume import EXIT_REQUEUE, LAST_DIR, MANIFEST, Preempted, load_last

@@ -9,7 +9,6 @@ import pwd
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -44,16 +43,15 @@ def test_two_workers_in_parallel_share_one_sqlite_study_and_both_trials_are_runs
     space = tmp_path / "space.json"
     space.write_text(json.dumps(SPACE))
     out = tmp_path / "sweeps"
-    cmd = [sys.executable, "-m", "fervit", "sweep", "--preset", "tiny", "--data", str(layout), "--cache-dir",
-           str(layout.parent / "cache"), "--device", "cpu", "--space", str(space), "--output", str(out),
-           "--study", "shared", "--trials", "1", "--quiet"]
+    cmd = ["sweep", "--preset", "tiny", "--data", str(layout), "--cache-dir", str(layout.parent / "cache"),
+           "--device", "cpu", "--space", str(space), "--output", str(out), "--study", "shared", "--trials", "2",
+           "--workers", "2", "--quiet"]
     for setting in TRIAL_SETTINGS:
         cmd += ["--set", setting]
-    # one worker in another process, one in this one (its imports are paid already), at the same time
-    other = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    run_sweep(base_config(layout), study_name="shared", trials=1, space=SPACE, output=out)
-    _, err = other.communicate(timeout=180)
-    assert other.returncode == 0, err
+    # two worker processes at the same time, one trial each
+    assert main(cmd) == 0
+    assert json.loads(capsys.readouterr().out)["trials"] == 2
+    assert sorted(p.name for p in (out / "shared").glob("worker*.log")) == ["worker0.log", "worker1.log"]
     study = optuna.load_study(study_name="shared", storage=f"sqlite:///{out / 'shared' / 'study.db'}")
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
     run_dirs = {Path(t.user_attrs["run_dir"]) for t in study.trials}

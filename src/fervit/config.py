@@ -113,6 +113,10 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N (checked against DEVICE_PATTERN)
     compile: Literal["auto", "on", "off"] = "auto"  # auto (cuda only) | on | off
+    step_mode: Literal["auto", "eager", "compile", "cuda_graph"] = "auto"  # auto: the model compiled as
+    #   train.compile says, the step eager; compile / cuda_graph: forward+loss compiled as one graph (cuda_graph:
+    #   replayed as CUDA graphs, CUDA only), see fervit.training.step; eager: nothing compiled
+    channels_last: bool = False  # conv weights and inputs in NHWC (bf16 convolutions prefer it on GPUs)
     amp: Literal["auto", "bf16", "off"] = "auto"  # auto (bf16 on cuda) | bf16 | off
     early_stop_patience: int = 0  # epochs without a better val accuracy; 0 disables
     time_budget_s: float = 0.0  # >0: after epoch 2, cap epochs to fit this wall time; the cosine re-plans

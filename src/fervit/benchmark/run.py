@@ -6,7 +6,13 @@ way images reach the model differs:
   (`augment_batch`), trained by the trainer's own `train_one_epoch`;
 - usual: JPEG files decoded and augmented per image (PIL + torchvision) in DataLoader workers,
   each batch copied to the device, running metrics read back every step.
-The data path alone (no model) is also timed for both, and for kornia's batched augmentation.
+The data path alone (no model) is also timed for both, and for kornia's batched augmentation. The usual
+pipeline runs with all CPUs as workers and with `few_workers` (4, a typical Slurm CPU share per GPU).
+
+Where the time goes: each model's step broken into data+augmentation, forward, backward and optimizer
+(`TrainStep` phases; torch.profiler device time on CUDA, synchronized wall clock everywhere); the step
+modes (eager / compile / cuda_graph, channels_last) at batch 1x, 2x and 4x; the fused-attention check;
+and aggregate img/s of 1, 2, 4 and 8 models trained at once, one process each (`benchmark.concurrent`).
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ import itertools
 import os
 import sys
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,12 +41,15 @@ from fervit.config import AugmentConfig, RunConfig, load_preset
 from fervit.data.augment import augment_batch, normalize
 from fervit.data.dataset import LAYOUT_HINT, load_fer
 from fervit.errors import FervitError
-from fervit.evaluation.evaluate import autocast, evaluate
+from fervit.device import autocast
+from fervit.evaluation.evaluate import evaluate
 from fervit.models import build_model, count_parameters
 from fervit.device import resolve_amp
 from fervit.training.epoch import EpochParts, build_optimizer, maybe_compile, optimizer_step, train_one_epoch
+from fervit.training.step import STEP_MODES, TrainStep, fused_attention_backend, scaled_lr
 
 FER2013_EPOCH = 28_709  # images in FER-2013's train/ folder: what "seconds per epoch" means
+BREAKDOWN_STEPS = 50  # steps per phase breakdown: enough for a stable mean, a small profiler trace
 
 
 @dataclass
@@ -56,6 +67,13 @@ class BenchConfig:
     latency_runs: int = 100
     workers: int = 0  # DataLoader workers for the usual pipeline; 0: the machine's CPU count
     compile: str = "auto"  # as train.compile: auto compiles on CUDA only
+    few_workers: int = 4  # the usual pipeline again with this many workers (a typical Slurm CPU share per GPU)
+    step_model: str = ""  # the model of the step-mode and concurrency rows; "": the first of `models`
+    step_modes: tuple[str, ...] = ("eager", "compile", "cuda_graph")
+    step_batches: tuple[int, ...] = ()  # (): batch_size x 1, 2 and 4
+    concurrency: tuple[int, ...] = (1, 2, 4, 8)  # models trained at once, one process each; (): skip
+    concurrency_steps: int = 0  # timed steps per process; 0: train_steps, or 200 when that is a whole epoch
+    compile_backend: str = "inductor"  # torch.compile backend of the step modes (quick CPU runs: aot_eager)
     quick: bool = False
 
 
@@ -66,22 +84,31 @@ def bench_config(device: torch.device, quick: bool = False, **overrides) -> Benc
     """
     if quick:  # a smoke run for CI: every code path, numbers only indicative
         cfg = BenchConfig(batch_size=32, eval_batch_size=64, data_images=1024, train_steps=1, eval_images=64,
-                          warmup_steps=1, repeats=2, latency_runs=5, quick=True)
+                          warmup_steps=1, repeats=2, latency_runs=5, concurrency=(1, 2), quick=True,
+                          compile_backend="inductor" if device.type == "cuda" else "aot_eager")
     elif device.type == "cuda":
         cfg = BenchConfig()
     else:  # a CPU trains a few images per second: time a few steps and extrapolate the epoch
         cfg = BenchConfig(data_images=8192, train_steps=2, eval_images=256, warmup_steps=1, repeats=2,
-                          latency_runs=20)
+                          latency_runs=20, concurrency=(1, 2))
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     for name in ("batch_size", "eval_batch_size", "repeats", "latency_runs"):
         if getattr(cfg, name) < 1:
             raise FervitError(f"bench {name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("data_images", "train_steps", "eval_images", "warmup_steps", "workers"):
+    for name in ("data_images", "train_steps", "eval_images", "warmup_steps", "workers", "few_workers",
+                 "concurrency_steps"):
         if getattr(cfg, name) < 0:
             raise FervitError(f"bench {name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")
     if cfg.compile not in ("auto", "on", "off"):
         raise FervitError(f"bench compile must be auto, on or off, got '{cfg.compile}'")
-    cfg.models = tuple(cfg.models)
+    bad = [m for m in cfg.step_modes if m not in STEP_MODES]
+    if bad:
+        raise FervitError(f"bench step modes must be among {', '.join(STEP_MODES)}, got {', '.join(bad)}")
+    if any(b < 1 for b in (*cfg.step_batches, *cfg.concurrency)):
+        raise FervitError("bench step batches and concurrency counts must be at least 1")
+    cfg.models, cfg.step_modes = tuple(cfg.models), tuple(cfg.step_modes)
+    cfg.step_batches = tuple(cfg.step_batches) or (cfg.batch_size, 2 * cfg.batch_size, 4 * cfg.batch_size)
+    cfg.concurrency = tuple(cfg.concurrency)
     return cfg
 
 
@@ -109,15 +136,25 @@ def index_batches(indices: torch.Tensor, batches: int, batch_size: int, gen: tor
 
 
 def run_benchmark(root: str | Path, cfg: BenchConfig, device: torch.device, cache_dir: str | None = None,
-                  strict: bool = False, progress: bool = True, command: str = "") -> dict:
-    """Time every pipeline on `device`; returns the result that `format_table` prints and --json writes."""
-    stages = Stages(2 + 4 * len(cfg.models), progress)
+                  strict: bool = False, progress: bool = True, command: str = "",
+                  on_partial: Callable[[dict], None] | None = None) -> dict:
+    """Time every pipeline on `device`; returns the result that `format_table` prints and --json writes.
+
+    `on_partial(result)` gets the result so far after each section (the CLI writes it to --json), so that a
+    run stopped by a time limit still leaves what it measured.
+    """
+    stages = Stages(2 + 6 * len(cfg.models) + 1 + (1 if cfg.concurrency else 0), progress)
     if not Path(root).exists():
         raise FervitError(f"data root '{root}' does not exist; {LAYOUT_HINT}")
-    presets = {name: load_preset(name) for name in cfg.models}  # unknown names fail before any timing
+    step_model = cfg.step_model or cfg.models[0]
+    presets = {name: load_preset(name) for name in (*cfg.models, step_model)}  # unknown names fail before timing
     torchvision_transforms()  # so do missing extras
+    # first, while this process holds no CUDA context: CUDA MPS serves the worker processes best with no
+    # other (non-MPS) context on the GPU
+    concurrency = _concurrency_rows(step_model, cfg, device, stages) if cfg.concurrency else []
     kornia = kornia_augment(AugmentConfig()).to(device)
     workers = cfg.workers or _cpu_count()
+    few = cfg.few_workers or workers
 
     stages.next(f"loading {root}")
     t0 = time.perf_counter()
@@ -157,47 +194,222 @@ def run_benchmark(root: str | Path, cfg: BenchConfig, device: torch.device, cach
     for name, fn in (("fervit", fervit_data), ("kornia", kornia_data)):
         fn(1)
         data_path[name] = {"images_s": batches * bs / best_seconds(lambda: fn(batches), cfg.repeats, device)}
-    with _UsualBatches(files(train_idx, usual_train_transform(aug)), bs, workers, device, train=True) as usual:
-        usual.take(1)  # worker start-up is not timed
-        data_path["usual"] = {"images_s": batches * bs / best_seconds(lambda: usual.take(batches), cfg.repeats,
-                                                                      device)}
-
-    # --- training, evaluation and latency per model ----------------------------------------------
-    models = {}
-    for name in cfg.models:
-        models[name] = _bench_model(name, presets[name], cfg, device, images, labels, train_dev, test_dev, gen,
-                                    files(train_idx, None), files(test_idx, usual_eval_transform()), workers,
-                                    stages)
-
-    peak = bf16_peak_tflops(device)
-    for row in models.values():
-        for pipe in ("fervit", "usual"):
-            r = row[pipe]
-            r["tflops"] = row["train_gflops_per_image"] * r["train_images_s"] / 1000
-            r["peak_fraction"] = r["tflops"] / peak if peak else None
+    for key, n_workers in (("usual", workers), ("usual_few", few)):
+        with _UsualBatches(files(train_idx, usual_train_transform(aug)), bs, n_workers, device, train=True) as usual:
+            usual.take(1)  # worker start-up is not timed
+            data_path[key] = {"images_s": batches * bs / best_seconds(lambda: usual.take(batches), cfg.repeats,
+                                                                      device), "workers": n_workers}
     machine = machine_info(device)
     machine.update({"torchvision": torchvision_version(), "kornia": _kornia_version(), "fervit": __version__})
-    return {
+    peak = bf16_peak_tflops(device)
+    result = {
         "command": command,
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "machine": machine,
-        "settings": {**dataclasses.asdict(cfg), "workers": workers, "models": list(cfg.models),
-                     "amp": "bf16" if resolve_amp("auto", device) else "off",
+        "settings": {**dataclasses.asdict(cfg), "workers": workers, "few_workers": few, "models": list(cfg.models),
+                     "step_model": step_model, "amp": "bf16" if resolve_amp("auto", device) else "off",
                      "timing": f"each figure is the best of {cfg.repeats} timings after {cfg.warmup_steps} untimed "
                                "warm-up steps; epoch_s = 28,709 / train_images_s"},
         "dataset": {"root": str(root), "train_images": len(train_idx), "test_images": len(test_idx),
                     "load_s": load_s},
         "data_path": data_path,
         "data_path_ratio": data_path["fervit"]["images_s"] / data_path["usual"]["images_s"],
+        "data_path_ratio_few": data_path["fervit"]["images_s"] / data_path["usual_few"]["images_s"],
         "kornia_ratio": data_path["fervit"]["images_s"] / data_path["kornia"]["images_s"],
         "bf16_peak_tflops": peak,
         "peak_mem_kind": peak_memory_kind(device),
-        "models": models,
+        "models": {},
+        "concurrency": concurrency,  # measured first (see above); TFLOP/s added once the FLOPs are counted
     }
+
+    def partial() -> None:
+        if on_partial is not None:
+            on_partial(result)
+
+    partial()
+
+    # --- training, evaluation, latency and the step's phases per model -------------------------------
+    models = result["models"]
+    for name in cfg.models:
+        models[name] = _bench_model(name, presets[name], cfg, device, images, labels, train_dev, test_dev, gen,
+                                    files(train_idx, None), files(test_idx, usual_eval_transform()), workers, few,
+                                    stages)
+        for pipe in ("fervit", "usual", "usual_few"):
+            _add_tflops(models[name][pipe], models[name]["train_gflops_per_image"], peak)
+        partial()
+
+    # --- step modes, batch sizes, fused attention ---------------------------------------------------
+    step_preset = presets[step_model]
+    gflops = (models[step_model]["train_gflops_per_image"] if step_model in models
+              else flops_per_image(build_model(step_preset.model), step_preset.model.in_chans,
+                                   step_preset.model.img_size)[1] / 1e9)
+    stages.next(f"{step_model}: step modes {', '.join(cfg.step_modes)} at batch "
+                f"{', '.join(map(str, cfg.step_batches))}, and channels_last")
+    result["step_model"] = step_model
+    result["step_modes"] = _step_rows(step_preset, cfg, device, images, labels, train_dev, gen, gflops, peak)
+    head_dim = step_preset.model.embed_dim // step_preset.model.num_heads
+    result["fused_attention"] = fused_attention_backend(device, head_dim=head_dim, heads=step_preset.model.num_heads)
+    partial()
+
+    for row in concurrency:
+        if "images_s" in row:
+            _add_tflops(row, gflops, peak, key="images_s")
+    partial()
+    return result
+
+
+def _concurrency_rows(step_model: str, cfg: BenchConfig, device: torch.device, stages: Stages) -> list[dict]:
+    """Aggregate img/s of 1, 2, 4, 8 models trained at once, one process each (`benchmark.concurrent`)."""
+    import tempfile
+
+    from fervit.benchmark.concurrent import measure_concurrency
+
+    mode = _concurrency_mode(cfg, device)
+    steps = cfg.concurrency_steps or cfg.train_steps or 200
+    bs = cfg.batch_size
+    stages.next(f"{step_model}: {', '.join(map(str, cfg.concurrency))} models trained at once ({mode}, "
+                f"{steps} steps of {bs} each)")
+    with tempfile.TemporaryDirectory(prefix="fervit-bench-") as folder:
+        rows = measure_concurrency(step_model, cfg.concurrency, device=str(device), batch_size=bs, steps=steps,
+                                   warmup=max(cfg.warmup_steps, 1), mode=mode, folder=Path(folder),
+                                   threads=1 if device.type == "cpu" else 0, compile_backend=cfg.compile_backend)
+    for row in rows:
+        row.update({"mode": mode, "batch_size": bs, "steps": steps})
+    return rows
+
+
+def _add_tflops(row: dict, gflops_per_image: float, peak: float | None, key: str = "train_images_s") -> None:
+    row["tflops"] = gflops_per_image * row[key] / 1000
+    row["peak_fraction"] = row["tflops"] / peak if peak else None
+
+
+def _concurrency_mode(cfg: BenchConfig, device: torch.device) -> str:
+    """On CUDA the cheapest step mode the bench runs (cuda_graph, else compile); elsewhere eager, where
+    every process compiling for itself would only time the compiler."""
+    if device.type != "cuda" or cfg.compile == "off":
+        return "eager"
+    return next((m for m in ("cuda_graph", "compile") if m in cfg.step_modes), "eager")
+
+
+def _new_step(preset: RunConfig, device, bs: int, mode: str, channels_last: bool, backend: str,
+              lr: float | None = None):
+    """A fresh model, optimiser and TrainStep (no EMA unless the preset has one), seeded."""
+    cfg = copy.deepcopy(preset)
+    cfg.train.batch_size = bs
+    if lr is not None:
+        cfg.optim.lr = lr
+    torch.manual_seed(0)
+    model = build_model(cfg.model).to(device)
+    optimizer = build_optimizer(model, cfg, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    ema = None
+    if cfg.optim.ema_decay > 0:
+        ema = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.optim.ema_decay), use_buffers=True)
+    with warnings.catch_warnings(record=True) as caught:  # a fallback is reported in the row, not as a warning
+        warnings.simplefilter("always")
+        step = TrainStep(model, optimizer, scheduler, cfg, ema=ema, amp_dtype=resolve_amp("auto", device),
+                         mode=mode, channels_last=channels_last, compile_backend=backend)
+    note = next((str(w.message) for w in caught if "training eagerly" in str(w.message)), "")
+    return step, note
+
+
+def _step_rows(preset: RunConfig, cfg: BenchConfig, device, images, labels, train_dev, gen, gflops: float,
+               peak: float | None) -> list[dict]:
+    """img/s of the training step per mode and batch size (lr scaled by `scaled_lr`), plus channels_last.
+
+    eager and cuda_graph run at every batch size; compile (cuda_graph without the graphs) only at the base
+    batch, each compilation costing a minute of a GPU session.
+    """
+    plan = [(mode, b, False) for mode in cfg.step_modes
+            for b in (cfg.step_batches if mode != "compile" else cfg.step_batches[:1])]
+    plan += [(mode, cfg.step_batches[0], True) for mode in cfg.step_modes]
+    compiling = cfg.compile != "off"
+    rows = []
+    for mode, b, channels_last in plan:
+        if mode != "eager" and not compiling:
+            continue
+        lr = scaled_lr(preset.optim.lr, b, base_batch=cfg.batch_size)  # the preset's lr holds at the bench's batch
+        step, note = _new_step(preset, device, b, mode, channels_last, cfg.compile_backend, lr)
+        steps = max(min(cfg.train_steps or len(train_dev) // b, len(train_dev) // b), 1)
+
+        def run(k: int) -> None:
+            for idx in index_batches(train_dev, k, b, gen) if len(train_dev) >= b else \
+                    (torch.randint(0, len(train_dev), (b,), device=device, generator=gen) for _ in range(k)):
+                step(images[idx], labels[idx], gen)
+
+        run(max(cfg.warmup_steps, 1))
+        images_s = b * steps / best_seconds(lambda: run(steps), cfg.repeats, device)
+        row = {"mode": mode, "mode_used": step.mode_used, "batch_size": b, "channels_last": channels_last, "lr": lr,
+               "steps": steps, "train_images_s": images_s, "epoch_s": FER2013_EPOCH / images_s}
+        if note:
+            row["note"] = note
+        _add_tflops(row, gflops, peak)
+        rows.append(row)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def step_breakdown(step: TrainStep, images, labels, train_dev, gen, steps: int, device: torch.device) -> dict:
+    """Milliseconds per step in data+augmentation, forward, backward and optimizer.
+
+    Everywhere: wall clock with the device synchronized between phases (the sync itself costs a little on
+    CUDA). On CUDA also torch.profiler's device time of each phase's `record_function` range.
+    """
+    bs = step.cfg.train.batch_size
+    batches = list(index_batches(train_dev, steps, bs, gen))
+    phases = {"data_augment": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+    clock = [0.0]
+
+    def lap(phase: str | None) -> None:
+        sync(device)
+        now = time.perf_counter()
+        if phase:
+            phases[phase] += now - clock[0]
+        clock[0] = now
+
+    for idx in batches:
+        lap(None)
+        x, target, y = step.augment(images[idx], labels[idx], gen)
+        lap("data_augment")
+        if step.mode_used == "cuda_graph":
+            torch.compiler.cudagraph_mark_step_begin()
+        _, objective, _ = step.forward_loss(x, target, y, labels[idx])
+        lap("forward")
+        step.backward(objective)
+        lap("backward")
+        step.update()
+        lap("optimizer")
+    out = {"steps": steps, "batch_size": bs, "mode_used": step.mode_used,
+           "wall_ms": {k: v * 1000 / steps for k, v in phases.items()}}
+    if device.type == "cuda":
+        out["device_ms"] = _profiled_phases(step, images, labels, batches, gen)
+    return out
+
+
+def _profiled_phases(step: TrainStep, images, labels, batches, gen) -> dict:
+    """Device (kernel) milliseconds per step of each phase, from torch.profiler's record_function ranges."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step.profile_phases = True
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for idx in batches:
+                step(images[idx], labels[idx], gen)
+            torch.cuda.synchronize()
+    finally:
+        step.profile_phases = False
+    totals: dict[str, float] = {}
+    for event in prof.events():  # the CPU-side ranges: their device time sums the kernels launched inside
+        if event.name.startswith("step.") and event.device_type == torch.autograd.DeviceType.CPU:
+            device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+            totals[event.name[5:]] = totals.get(event.name[5:], 0.0) + device_us / 1000 / len(batches)
+    return totals
 
 
 def _bench_model(name: str, preset: RunConfig, cfg: BenchConfig, device, images, labels, train_dev, test_dev,
-                 gen, train_files: ImageFiles, test_files: ImageFiles, workers: int, stages: Stages) -> dict:
+                 gen, train_files: ImageFiles, test_files: ImageFiles, workers: int, few: int, stages: Stages) -> dict:
     """Train, evaluate and single-image latency for one model, fervit's pipeline then the usual one."""
     bs = cfg.batch_size
     steps = min(cfg.train_steps or len(train_dev) // bs, len(train_dev) // bs)
@@ -231,24 +443,31 @@ def _bench_model(name: str, preset: RunConfig, cfg: BenchConfig, device, images,
 
     stages.next(f"{name}: training, usual pipeline ({what}, {workers} workers)")
     train_files.transform = usual_train_transform(preset.augment)
-    reset_peak_memory(device)
-    with _UsualBatches(train_files, bs, workers, device, train=True) as usual:
-        running = {"loss": 0.0, "correct": 0}
+    usual_rows = {}
+    for key, n_workers in (("usual", workers), ("usual_few", few)):
+        if key == "usual_few":
+            stages.next(f"{name}: training, usual pipeline ({what}, {n_workers} workers)")
+        reset_peak_memory(device)
+        with _UsualBatches(train_files, bs, n_workers, device, train=True) as usual:
+            running = {"loss": 0.0, "correct": 0}
 
-        def usual_steps(k: int) -> None:
-            train_model.train()
-            for x, y in usual.batches(k):
-                with autocast(device, amp):
-                    logits = train_model(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=preset.optim.label_smoothing)
-                optimizer_step(loss, model, optimizer, scheduler, preset.optim.grad_clip)
-                # the usual loop keeps its running metrics as Python numbers: a host sync every step
-                running["loss"] += loss.item() * len(y)
-                running["correct"] += int((logits.argmax(-1) == y).sum().item())
+            def usual_steps(k: int) -> None:
+                train_model.train()
+                for x, y in usual.batches(k):
+                    with autocast(device, amp):
+                        logits = train_model(x)
+                    loss = F.cross_entropy(logits.float(), y, label_smoothing=preset.optim.label_smoothing)
+                    optimizer_step(loss, model, optimizer, scheduler, preset.optim.grad_clip)
+                    # the usual loop keeps its running metrics as Python numbers: a host sync every step
+                    running["loss"] += loss.item() * len(y)
+                    running["correct"] += int((logits.argmax(-1) == y).sum().item())
 
-        if warmup:
-            usual_steps(warmup)
-        usual_row = _train_row(bs * steps / best_seconds(lambda: usual_steps(steps), cfg.repeats, device), device)
+            if warmup:
+                usual_steps(warmup)
+            usual_rows[key] = _train_row(bs * steps / best_seconds(lambda: usual_steps(steps), cfg.repeats, device),
+                                         device)
+            usual_rows[key]["workers"] = n_workers
+    usual_row = usual_rows["usual"]
 
     # evaluation: the trainer evaluates the eager model; the usual loop reads its accuracy per batch
     n_eval = min(cfg.eval_images or len(test_dev), len(test_dev))
@@ -300,10 +519,18 @@ def _bench_model(name: str, preset: RunConfig, cfg: BenchConfig, device, images,
         "train_gflops_per_image": train_flops / 1e9,
         "fervit": fervit,
         "usual": usual_row,
+        "usual_few": usual_rows["usual_few"],
         "train_ratio": fervit["train_images_s"] / usual_row["train_images_s"],
+        "train_ratio_few": fervit["train_images_s"] / usual_rows["usual_few"]["train_images_s"],
         "eval_ratio": fervit["eval_images_s"] / usual_row["eval_images_s"],
     }
-    del model, train_model, optimizer
+    # where a step's time goes: the step of the model trained above (compiled or not), phase by phase
+    stages.next(f"{name}: step breakdown ({'compiled' if row['compiled'] else 'eager'} model, {steps} steps of {bs})")
+    step = TrainStep(train_model, optimizer, scheduler, preset, amp_dtype=amp)
+    step(images[train_dev[:bs]], labels[train_dev[:bs]], gen)  # warm-up
+    row["breakdown"] = step_breakdown(step, images, labels, train_dev, gen, min(steps, BREAKDOWN_STEPS), device)
+    row["breakdown"]["model_compiled"] = row["compiled"]
+    del model, train_model, optimizer, step
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
@@ -372,25 +599,30 @@ def format_table(result: dict) -> str:
         f"kornia {m['kornia']}",
         f"command: {result['command']}",
         f"batch {s['batch_size']} (eval {s['eval_batch_size']}), amp {s['amp']}, usual pipeline with "
-        f"{s['workers']} DataLoader workers; {s['timing']}",
+        f"{s['workers']} and {s['few_workers']} DataLoader workers; {s['timing']}",
         "",
         "data path alone (augmented images/s, no model)",
         f"  fervit  device-side, batched           {dp['fervit']['images_s']:>10,.0f}",
         f"  kornia  AugmentationSequential          {dp['kornia']['images_s']:>10,.0f}   fervit/kornia "
         f"{result['kornia_ratio']:.1f}x",
         f"  usual   PIL + torchvision per image     {dp['usual']['images_s']:>10,.0f}   fervit/usual "
-        f"{result['data_path_ratio']:.1f}x",
+        f"{result['data_path_ratio']:.1f}x   ({dp['usual']['workers']} workers)",
+        f"  usual   the same, {dp['usual_few']['workers']:>2} workers          {dp['usual_few']['images_s']:>10,.0f}"
+        f"   fervit/usual {result['data_path_ratio_few']:.1f}x",
         "",
         f"{'model':<10} {'pipeline':<13} {'train img/s':>11} {'epoch s':>9} {'eval img/s':>10} {'latency ms':>10} "
         f"{'peak MiB':>9} {'TFLOP/s':>8}",
     ]
     for name, row in result["models"].items():
-        for pipe in ("fervit", "usual"):
+        for pipe in ("fervit", "usual", "usual_few"):
             r = row[pipe]
-            lines.append(f"{name if pipe == 'fervit' else '':<10} {pipe:<13} {r['train_images_s']:>11,.1f} "
-                         f"{r['epoch_s']:>9,.1f} {r['eval_images_s']:>10,.1f} {r['latency_ms']:>10.2f} "
-                         f"{r['peak_mem_mib']:>9,.0f} {r['tflops']:>8.3f}")
-        lines.append(f"{'':<10} {'fervit/usual':<13} {row['train_ratio']:>10.2f}x {'':>9} {row['eval_ratio']:>9.2f}x")
+            label = f"usual {r['workers']}w" if pipe.startswith("usual") else pipe
+            eval_s = f"{r['eval_images_s']:>10,.1f}" if "eval_images_s" in r else f"{'-':>10}"
+            latency = f"{r['latency_ms']:>10.2f}" if "latency_ms" in r else f"{'-':>10}"
+            lines.append(f"{name if pipe == 'fervit' else '':<10} {label:<13} {r['train_images_s']:>11,.1f} "
+                         f"{r['epoch_s']:>9,.1f} {eval_s} {latency} {r['peak_mem_mib']:>9,.0f} {r['tflops']:>8.3f}")
+        lines.append(f"{'':<10} {'fervit/usual':<13} {row['train_ratio']:>10.2f}x {'':>9} {row['eval_ratio']:>9.2f}x"
+                     f"   ({row['train_ratio_few']:.2f}x against {row['usual_few']['workers']} workers)")
     lines.append("")
     peak = result["bf16_peak_tflops"]
     for name, row in result["models"].items():
@@ -402,4 +634,62 @@ def format_table(result: dict) -> str:
     if not peak:
         lines.append("bf16 peak: not known for this device")
     lines.append(f"peak memory: {result['peak_mem_kind']}")
+    lines += _breakdown_lines(result) + _step_mode_lines(result) + _concurrency_lines(result)
     return "\n".join(lines)
+
+
+def _pct(fraction) -> str:
+    return f"{fraction:.1%}" if fraction is not None else "-"
+
+
+def _breakdown_lines(result: dict) -> list[str]:
+    lines = ["", "where a training step's time goes (ms per step; wall clock with the device synchronized "
+                 "between phases" + (", and torch.profiler device time)" if result["machine"]["device"] != "cpu"
+                                     else ")")]
+    phases = ("data_augment", "forward", "backward", "optimizer")
+    lines.append(f"{'model':<10} {'clock':<8} " + " ".join(f"{p:>12}" for p in phases) + f" {'total':>9}")
+    for name, row in result["models"].items():
+        b = row["breakdown"]
+        for clock in ("wall_ms", "device_ms"):
+            if clock in b:
+                ms = b[clock]
+                lines.append(f"{name if clock == 'wall_ms' else '':<10} {clock[:-3]:<8} "
+                             + " ".join(f"{ms.get(p, 0.0):>12.2f}" for p in phases)
+                             + f" {sum(ms.get(p, 0.0) for p in phases):>9.2f}")
+    return lines
+
+
+def _step_mode_lines(result: dict) -> list[str]:
+    rows = result.get("step_modes", [])
+    attention = result.get("fused_attention", {})
+    lines = ["", f"step modes of {result.get('step_model')} (lr scaled by fervit.training.step.scaled_lr: sqrt "
+                 f"of batch/{result['settings']['batch_size']} for AdamW)",
+             f"{'mode':<11} {'ran as':<11} {'batch':>5} {'NHWC':>5} {'lr':>9} {'train img/s':>11} {'epoch s':>8} "
+             f"{'TFLOP/s':>8} {'of peak':>7}"]
+    for r in rows:
+        nhwc = "yes" if r["channels_last"] else ""
+        lines.append(f"{r['mode']:<11} {r['mode_used']:<11} {r['batch_size']:>5} {nhwc:>5} "
+                     f"{r['lr']:>9.2e} {r['train_images_s']:>11,.1f} {r['epoch_s']:>8,.2f} {r['tflops']:>8.3f} "
+                     f"{_pct(r['peak_fraction']):>7}")
+    if attention:
+        lines.append(f"fused attention: {attention['backend'] or 'none'} ({attention['detail']})")
+    return lines
+
+
+def _concurrency_lines(result: dict) -> list[str]:
+    rows = result.get("concurrency", [])
+    if not rows:
+        return []
+    first = rows[0]
+    lines = ["", f"models trained at once, one process each ({result.get('step_model')}, step mode {first['mode']}, "
+                 f"batch {first['batch_size']}, {first['steps']} timed steps per process)",
+             f"{'processes':>9} {'MPS':>4} {'aggregate img/s':>15} {'x one':>6} {'TFLOP/s':>8} {'of peak':>7}  "
+             "per process img/s"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['processes']:>9} {'':>4} failed: {r['error']}")
+            continue
+        per = ", ".join(f"{v:,.0f}" for v in r["per_process_images_s"])
+        lines.append(f"{r['processes']:>9} {'yes' if r['mps'] else 'no':>4} {r['images_s']:>15,.1f} "
+                     f"{r.get('x_one', 0):>5.2f}x {r['tflops']:>8.3f} {_pct(r['peak_fraction']):>7}  {per}")
+    return lines

@@ -27,6 +27,17 @@ def add_parser(sub) -> None:
     p.add_argument("--repeats", type=int, help="timings per figure; the best one counts")
     p.add_argument("--workers", type=int, help="DataLoader workers of the usual pipeline (default: CPU count)")
     p.add_argument("--compile", choices=["auto", "on", "off"], help="torch.compile the model (auto: CUDA only)")
+    p.add_argument("--few-workers", type=int, help="the usual pipeline is also timed with this many workers "
+                                                   "(default 4, a typical Slurm CPU share per GPU)")
+    p.add_argument("--step-model", metavar="PRESET", help="model of the step-mode and concurrency rows "
+                                                          "(default: the first of --models)")
+    p.add_argument("--step-modes", nargs="+", choices=["eager", "compile", "cuda_graph"],
+                   help="training step modes to time (default all three)")
+    p.add_argument("--step-batches", nargs="+", type=int, metavar="B",
+                   help="batch sizes of the step-mode rows (default: --batch-size x 1, 2 and 4)")
+    p.add_argument("--concurrency", nargs="*", type=int, metavar="N",
+                   help="models trained at once, one process each (default 1 2 4 8; quick 1 2; none: skip)")
+    p.add_argument("--concurrency-steps", type=int, help="timed steps per process in the concurrency rows")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=run_bench)
 
@@ -38,12 +49,14 @@ def command_line(args) -> str:
         if getattr(args, flag):
             parts.append(f"--{flag}")
     for flag in ("data", "cache_dir", "json", "device", "batch_size", "steps", "data_images", "eval_images",
-                 "repeats", "workers", "compile"):
+                 "repeats", "workers", "compile", "few_workers", "step_model", "concurrency_steps"):
         value = getattr(args, flag)
         if value is not None and not (flag == "device" and value == "auto"):
             parts += [f"--{flag.replace('_', '-')}", str(value)]
-    if args.models:
-        parts += ["--models", *args.models]
+    for flag in ("models", "step_modes", "step_batches", "concurrency"):
+        value = getattr(args, flag)
+        if value is not None:
+            parts += [f"--{flag.replace('_', '-')}", *map(str, value)]
     return shlex.join(parts)
 
 
@@ -58,11 +71,20 @@ def run_bench(args) -> int:
     device = resolve_device(args.device)
     cfg = bench_config(device, args.quick, models=args.models, batch_size=args.batch_size,
                        train_steps=args.steps, data_images=args.data_images, eval_images=args.eval_images,
-                       repeats=args.repeats, workers=args.workers, compile=args.compile)
+                       repeats=args.repeats, workers=args.workers, compile=args.compile,
+                       few_workers=args.few_workers, step_model=args.step_model, step_modes=args.step_modes,
+                       step_batches=args.step_batches, concurrency=args.concurrency,
+                       concurrency_steps=args.concurrency_steps)
+    json_path = Path(args.json).expanduser() if args.json else None
+
+    def write_partial(result: dict) -> None:  # a run cut short by a time limit keeps what it measured
+        if json_path is not None:
+            write_json(json_path, {**result, "partial": True})
+
     result = run_benchmark(resolve_data_root(args.data), cfg, device, cache_dir=args.cache_dir, strict=args.strict,
-                           progress=not args.quiet, command=command_line(args))
+                           progress=not args.quiet, command=command_line(args), on_partial=write_partial)
     result["table"] = format_table(result)
     print(result["table"])
-    if args.json:
-        write_json(Path(args.json).expanduser(), result)
+    if json_path is not None:
+        write_json(json_path, result)
     return 0

@@ -6,6 +6,7 @@ import json
 import sys
 
 from fervit.cli import add_data_args, flag_overrides
+from fervit.errors import FervitError
 
 
 def add_parser(sub) -> None:
@@ -30,6 +31,11 @@ def add_parser(sub) -> None:
     p.add_argument("--space", help="JSON search space replacing the default ({key: {choices}|{low, high, log}})")
     p.add_argument("--pruner", choices=["median", "none"], default="median",
                    help="median: stop a trial whose val accuracy is below the median of earlier trials")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes on this machine sharing the study (and its one GPU); --trials is "
+                        "split between them, each worker's log is OUTPUT/STUDY/worker<i>.log (default 1)")
+    p.add_argument("--mps", choices=["auto", "on", "off"], default="auto",
+                   help="CUDA MPS for --workers > 1: auto uses it when the machine has it")
     p.add_argument("--quiet", action="store_true", help="no line per trial")
     p.set_defaults(func=run_sweep_command)
 
@@ -40,8 +46,12 @@ def run_sweep_command(args) -> int:
     from fervit.sweep import load_space, run_sweep
     from fervit.training.resume import EXIT_REQUEUE, Preempted
 
+    if args.workers < 1:
+        raise FervitError(f"--workers must be at least 1, got {args.workers}")
     cfg = load_preset(args.preset)
     apply_overrides(cfg, flag_overrides(args, skip=("output",)))  # --output is where trials go, not a config key
+    if args.workers > 1:
+        return run_sweep_workers(args)
     try:
         best = run_sweep(cfg, study_name=args.study, storage=args.storage, trials=args.trials,
                          max_study_trials=args.max_study_trials, timeout_s=args.timeout,
@@ -51,3 +61,42 @@ def run_sweep_command(args) -> int:
         return EXIT_REQUEUE
     print(json.dumps(best, indent=2))
     return 0
+
+
+def worker_argv(args, trials: int) -> list[str]:
+    """The `fervit sweep` command line of one worker: this command's options, its share of the trials."""
+    argv = [sys.executable, "-m", "fervit", "sweep", "--preset", args.preset, "--study", args.study,
+            "--output", args.output, "--trials", str(trials), "--pruner", args.pruner]
+    for flag in ("data", "cache_dir", "protocol", "epochs", "device", "storage", "space"):
+        value = getattr(args, flag)
+        if value is not None:
+            argv += [f"--{flag.replace('_', '-')}", str(value)]
+    for flag in ("max_study_trials", "timeout"):
+        if getattr(args, flag):
+            argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    if args.strict:
+        argv.append("--strict")
+    for item in args.set:
+        argv += ["--set", item]
+    return argv
+
+
+def run_sweep_workers(args) -> int:
+    """--workers N: N `fervit sweep` processes joining one study; prints the study's best when all are done."""
+    from pathlib import Path
+
+    from fervit.sweep import best_of, open_study
+    from fervit.training.parallel import Job, run_jobs, summary_lines
+
+    folder = Path(args.output) / args.study
+    folder.mkdir(parents=True, exist_ok=True)
+    url = args.storage or f"sqlite:///{folder.resolve() / 'study.db'}"
+    open_study(args.study, url, None)  # created once here, so the workers only join it
+    shares = [args.trials // args.workers + (i < args.trials % args.workers) for i in range(args.workers)]
+    jobs = [Job(f"worker{i}", worker_argv(args, n), folder / f"worker{i}.log") for i, n in enumerate(shares) if n]
+    results = run_jobs(jobs, len(jobs), mps=args.mps, progress=None if args.quiet else sys.stderr)
+    failed = [r for r in results if not r.ok]
+    if failed:
+        print("\n".join(summary_lines(failed)), file=sys.stderr)
+    print(json.dumps(best_of(open_study(args.study, url, None)), indent=2))
+    return 0 if not failed else 1

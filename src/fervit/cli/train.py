@@ -29,6 +29,14 @@ def add_parser(sub) -> None:
     p.add_argument("--run-dir", metavar="DIR",
                    help="write the run into DIR; if DIR already holds this run, resume it (what a requeued "
                         "Slurm job needs: the same command line starts, then continues)")
+    several = p.add_argument_group("several runs at once (each its own process, as if trained alone)")
+    several.add_argument("--seeds", metavar="S1,S2,...", help="train the config once per seed, e.g. --seeds 0,1,2")
+    several.add_argument("--jobs", metavar="PLAN.json",
+                         help='train the jobs of a plan: {"jobs": [{"name": ..., "preset": ..., "seed": ..., '
+                              '"set": ["KEY=VALUE", ...]}]}; the other flags apply to every job')
+    several.add_argument("--parallel", type=int, help="jobs running at the same time (default: all of them)")
+    several.add_argument("--mps", choices=["auto", "on", "off"], default="auto",
+                         help="CUDA MPS for the jobs: auto uses it when the machine has it (default auto)")
     p.set_defaults(func=run_train)
 
     p = sub.add_parser("presets", help="list the shipped presets")
@@ -58,6 +66,10 @@ def run_train(args) -> int:
 
     if args.resume and args.run_dir:
         raise FervitError("give either --resume RUN_DIR or --run-dir DIR, not both")
+    if args.seeds or args.jobs:
+        return run_train_jobs(args)
+    if args.parallel is not None:
+        raise FervitError("--parallel sets how many of --seeds or --jobs run at once; give one of them")
     cfg = config_from_args(args)
     run_dir = args.resume or args.run_dir
     resume = bool(args.resume) or (run_dir is not None and (Path(run_dir) / "config.json").is_file())
@@ -72,6 +84,107 @@ def run_train(args) -> int:
     if os.environ.get("RANK", "0") == "0":  # under torchrun/srun every rank returns; one line is enough
         print(run)
     return 0
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise FervitError(f"--seeds takes comma-separated integers such as 0,1,2, got '{text}'") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise FervitError(f"--seeds needs distinct integers such as 0,1,2, got '{text}'")
+    return seeds
+
+
+def read_plan(path: str) -> list[dict]:
+    """The jobs of a plan file, checked: each has a unique name, and only known keys."""
+    import json
+    from pathlib import Path
+
+    try:
+        plan = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FervitError(f"plan '{path}' does not exist") from None
+    except json.JSONDecodeError as e:
+        raise FervitError(f"plan '{path}' is not valid JSON: {e}") from None
+    jobs = plan.get("jobs") if isinstance(plan, dict) else None
+    if not isinstance(jobs, list) or not jobs:
+        raise FervitError(f"plan '{path}' needs a non-empty \"jobs\" list of "
+                          '{"name": ..., "preset": ..., "set": [...]}')
+    names = []
+    for i, job in enumerate(jobs):
+        if not isinstance(job, dict) or not isinstance(job.get("name"), str) or not job["name"]:
+            raise FervitError(f"plan '{path}': job {i + 1} needs a \"name\"")
+        unknown = set(job) - {"name", "preset", "seed", "set", "budget", "protocol"}
+        if unknown:
+            raise FervitError(f"plan '{path}': job '{job['name']}' has unknown keys {sorted(unknown)}")
+        if not all(c.isalnum() or c in "-_." for c in job["name"]):
+            raise FervitError(f"plan '{path}': job name '{job['name']}' must be letters, digits, - _ or . only")
+        names.append(job["name"])
+    if len(set(names)) != len(names):
+        raise FervitError(f"plan '{path}': job names must be unique")
+    return jobs
+
+
+def job_train_args(args, preset: str | None, seed: int | None, extra_set: list[str]) -> list[str]:
+    """`fervit train` flags for one job: the shared flags of this command, then the job's own."""
+    out = ["--preset", preset] if preset else []
+    for flag in ("data", "cache_dir", "protocol", "epochs", "batch_size", "lr", "device"):
+        value = getattr(args, flag)
+        if value is not None:
+            out += [f"--{flag.replace('_', '-')}", str(value)]
+    if args.strict:
+        out.append("--strict")
+    if seed is not None:
+        out += ["--seed", str(seed)]
+    for item in [*args.set, *extra_set]:
+        out += ["--set", item]
+    return out
+
+
+def run_train_jobs(args) -> int:
+    """--seeds / --jobs: one `fervit train` process per job under OUTPUT/<time>_<what>/<job>/; exit 1 when a
+    job failed (each failure is one line; finished jobs keep their run folders)."""
+    import time
+    from pathlib import Path
+
+    from fervit.training.parallel import run_jobs, summary_lines, train_job
+
+    if args.seeds and args.jobs:
+        raise FervitError("give either --seeds or --jobs, not both")
+    if args.resume or args.run_dir:
+        raise FervitError("--seeds and --jobs make one run folder per job; drop --resume/--run-dir")
+    if args.seed is not None and args.seeds:
+        raise FervitError("give either --seed or --seeds, not both")
+    if args.seeds:
+        specs = [{"name": f"seed{s}", "preset": args.preset, "seed": s, "set": []} for s in parse_seeds(args.seeds)]
+        label = f"{Path(args.preset or 'vit_cnn').stem}_seeds"
+    else:
+        specs = [{"preset": args.preset, "seed": args.seed, "set": [], **job} for job in read_plan(args.jobs)]
+        for job in specs:
+            if "budget" in job:
+                job["set"] = [*job["set"], f"train.time_budget_s={job['budget']}"]
+            if "protocol" in job:
+                job["set"] = [*job["set"], f"data.protocol={job['protocol']}"]
+        label = Path(args.jobs).stem
+    train_args = {job["name"]: job_train_args(args, job["preset"], job["seed"], job["set"]) for job in specs}
+    from fervit.cli import build_parser
+
+    for name, argv in train_args.items():  # a bad preset or --set fails now, before any process starts
+        try:
+            config_from_args(build_parser().parse_args(["train", *argv]))
+        except FervitError as e:
+            raise FervitError(f"job '{name}': {e}") from None
+    group = Path(args.output or "runs") / f"{time.strftime('%Y%m%d_%H%M%S')}_{label}"
+    n = 2
+    while group.exists():
+        group, n = group.with_name(f"{group.name.rsplit('~', 1)[0]}~{n}"), n + 1
+    jobs = [train_job(name, argv, group / name) for name, argv in train_args.items()]
+    parallel = args.parallel or len(jobs)
+    print(f"{len(jobs)} jobs, {min(parallel, len(jobs))} at a time, under {group}", file=sys.stderr)
+    results = run_jobs(jobs, parallel, mps=args.mps, progress=None if args.quiet else sys.stderr)
+    print("\n".join(summary_lines(results)))
+    return 0 if all(r.ok for r in results) else 1
 
 
 def run_presets(args) -> int:

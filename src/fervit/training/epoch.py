@@ -10,9 +10,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fervit.config import RunConfig
-from fervit.data.augment import augment_batch, mix_batch
-from fervit.device import autocast
-from fervit.models.checkpoint import unwrap
 from fervit.models.registry import no_weight_decay_names
 from fervit.training.distributed import DistContext, all_reduce_sum
 
@@ -110,6 +107,17 @@ class EpochParts:
     loss_weights: torch.Tensor | None = None  # per class, for the loss
     sample_weights: torch.Tensor | None = None  # per training example, for a balanced draw
     ctx: DistContext | None = None  # the process group under DDP, else None
+    step_mode: str = "eager"  # how the step runs (fervit.training.step.STEP_MODES)
+    channels_last: bool = False
+
+    def __post_init__(self):
+        # after the EMA is restored: the step reads its update count once
+        from fervit.training.step import TrainStep
+
+        rank, world = (self.ctx.rank, self.ctx.world_size) if self.ctx is not None else (0, 1)
+        self.step = TrainStep(self.model, self.optimizer, self.scheduler, self.cfg, ema=self.ema,
+                              amp_dtype=self.amp_dtype, loss_weights=self.loss_weights, mode=self.step_mode,
+                              channels_last=self.channels_last, rank=rank, world=world)
 
 
 def train_one_epoch(p: EpochParts, bar=None) -> dict:
@@ -130,9 +138,9 @@ def train_one_epoch(p: EpochParts, bar=None) -> dict:
     correct = torch.zeros((), device=device)
     for step, start in enumerate(range(0, n_used, bs)):
         idx = order[start:start + bs]
-        loss, logits, y = train_step(p, idx)
-        loss_sum += loss.detach() * len(idx)
-        correct += (logits.detach().argmax(-1) == y).sum()
+        loss, batch_correct = p.step(p.images[idx], p.labels[idx], p.gen)  # augment, forward, backward, update
+        loss_sum += loss * len(idx)
+        correct += batch_correct
         if bar is not None:
             bar.update(len(idx))
             if device.type == "cpu" and p.ctx is None and step % 10 == 0:  # a cheap read on CPU; on GPU per epoch
@@ -152,36 +160,9 @@ def epoch_order(p: EpochParts) -> torch.Tensor:
     return p.train_idx[torch.randperm(n, generator=p.gen, device=p.images.device)]
 
 
-def train_step(p: EpochParts, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Augment, (mix,) forward, backward and step on the examples `idx`; returns this rank's
-    (loss, logits, labels)."""
-    cfg = p.cfg
-    rank, world = (p.ctx.rank, p.ctx.world_size) if p.ctx is not None else (0, 1)
-    y = p.labels[idx]
-    x = augment_batch(p.images[idx], cfg.augment, p.gen, cfg.model.crop_size)  # (B, 1, S, S) float32
-    target = y
-    if cfg.augment.mixup_alpha > 0 or cfg.augment.cutmix_alpha > 0:
-        x, target = mix_batch(x, y, cfg.augment, cfg.model.num_classes, p.gen)  # soft targets (B, C)
-    y_all = y
-    if world > 1:
-        x, target, y = (t.tensor_split(world)[rank] for t in (x, target, y))
-    with autocast(p.images.device, p.amp_dtype):
-        logits = p.model(x)
-    if world == 1:
-        loss = F.cross_entropy(logits.float(), target, weight=p.loss_weights,
-                               label_smoothing=cfg.optim.label_smoothing)
-        objective = loss
-    else:
-        loss = shard_loss(logits.float(), target, y_all, p.loss_weights, cfg.optim.label_smoothing)
-        objective = loss * world  # DDP averages gradients over ranks; the shares must add up instead
-    optimizer_step(objective, p.model, p.optimizer, p.scheduler, cfg.optim.grad_clip)
-    if p.ema is not None:
-        p.ema.update_parameters(unwrap(p.model))
-    return loss, logits, y
-
-
 def optimizer_step(objective: torch.Tensor, model: nn.Module, optimizer, scheduler, grad_clip: float) -> None:
-    """Backward, optional gradient clipping, then one optimiser and one per-step schedule step."""
+    """Backward, optional gradient clipping, then one optimiser and one per-step schedule step (the bench's
+    usual loop; fervit's own step is `TrainStep`, which does the same in phases)."""
     optimizer.zero_grad(set_to_none=True)
     objective.backward()
     if grad_clip > 0:

@@ -225,11 +225,16 @@ def set_up(cfg: RunConfig, ctx: DistContext, data: FerData, splits: Splits, fing
         restore(saved, model=model, ema=ema, optimizer=optimizer, scheduler=scheduler, run_dir=run_dir, ctx=ctx)
     side = cfg.model.crop_size or cfg.model.img_size  # what training feeds the model
     example = torch.zeros(cfg.train.batch_size // ctx.world_size, cfg.model.in_chans, side, side, device=device)
-    parts = EpochParts(cfg, maybe_compile(wrap_model(model, ctx), cfg.train.compile, device, example), optimizer,
-                       scheduler, images, labels, train_idx, gen, ema, resolve_amp(cfg.train.amp, device),
+    train_model = wrap_model(model, ctx)
+    if cfg.train.step_mode == "auto":  # the whole model compiled (train.compile), the step around it eager
+        train_model = maybe_compile(train_model, cfg.train.compile, device, example)
+    parts = EpochParts(cfg, train_model, optimizer, scheduler, images, labels, train_idx, gen, ema,
+                       resolve_amp(cfg.train.amp, device),
                        loss_weights=weights if cfg.optim.class_weights == "balanced" else None,
                        sample_weights=weights[train_labels] if cfg.optim.sampler == "balanced" else None,
-                       ctx=ctx if ctx.enabled else None)
+                       ctx=ctx if ctx.enabled else None,
+                       step_mode="eager" if cfg.train.step_mode == "auto" else cfg.train.step_mode,
+                       channels_last=cfg.train.channels_last)
     return Run(cfg, ctx, run_dir, data, splits, fingerprint, model, ema.module if ema is not None else model, parts,
                schedule, steps_per_epoch, val_idx, n_params, log, quiet)
 

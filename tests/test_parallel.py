@@ -1,0 +1,166 @@
+"""Several runs at once: each job is its own process, so it trains exactly as it would alone."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fervit.cli import main
+from fervit.config import apply_overrides, load_preset
+from fervit.training import parallel
+from fervit.training.parallel import Job, run_jobs
+from tests.conftest import make_layout
+
+COMMON = ["--preset", "tiny", "--device", "cpu", "--protocol", "fer2013", "--epochs", "2", "--batch-size", "8",
+          "--set", "train.threads=1", "--set", "train.eval_batch_size=64"]
+
+
+def metrics(run_dir) -> list[dict]:
+    """The metrics file without its wall-clock column."""
+    with open(run_dir / "training_metrics.csv", newline="") as f:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+
+
+def test_two_configs_trained_at_once_get_exactly_the_metrics_each_gets_alone(tmp_path, capsys):
+    from fervit.training.trainer import train
+
+    root = make_layout(tmp_path / "fer")
+    plan = tmp_path / "plan.json"
+    jobs = [{"name": "a", "seed": 0, "set": ["optim.lr=0.002"]}, {"name": "b", "seed": 1, "set": ["model.depth=2"]}]
+    plan.write_text(json.dumps({"jobs": jobs}))
+    rc = main(["train", "--jobs", str(plan), "--parallel", "2", "--data", str(root),
+               "--output", str(tmp_path / "runs"), *COMMON])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    (group,) = (tmp_path / "runs").iterdir()
+    threads = torch.get_num_threads()
+    try:
+        for job in jobs:
+            run_dir = group / job["name"]
+            assert (run_dir / "results.json").is_file() and (run_dir / "train.log").is_file()
+            assert f"{job['name']}: {run_dir}" in out
+            cfg = apply_overrides(load_preset("tiny"), [
+                f"data.root={root}", "train.device=cpu", "data.protocol=fer2013", "train.epochs=2",
+                "train.batch_size=8", "train.threads=1", "train.eval_batch_size=64", f"train.seed={job['seed']}",
+                *job["set"]])
+            alone = train(cfg, quiet=True, run_dir=tmp_path / "alone" / job["name"])
+            assert metrics(run_dir) == metrics(alone)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def python_job(tmp_path, name: str, code: str) -> Job:
+    return Job(name, [sys.executable, "-c", code], tmp_path / name / "train.log")
+
+
+def test_a_failed_job_is_one_line_and_the_others_still_finish(tmp_path):
+    jobs = [python_job(tmp_path, "bad", "import sys; print('loading'); print('fervit: error: data root x is gone', "
+                                        "file=sys.stderr); sys.exit(2)"),
+            python_job(tmp_path, "good", "import time; time.sleep(0.3); print('trained')")]
+    shown = io.StringIO()
+    bad, good = run_jobs(jobs, parallel=2, progress=shown)
+    assert not bad.ok and bad.error == "exit 2: data root x is gone"
+    assert good.ok and good.error == "" and good.log.read_text().strip() == "trained"
+    lines = shown.getvalue().splitlines()
+    assert any(line.startswith("bad") and "FAILED: exit 2: data root x is gone" in line for line in lines)
+    assert any(line.startswith("good") and "done in" in line for line in lines)
+
+
+def test_parallel_limits_how_many_jobs_run_at_once(tmp_path):
+    # each job records the moment it starts and ends; with parallel=1 no two intervals overlap
+    code = "import time, sys; t = time.time(); time.sleep(0.2); print(t, time.time())"
+    jobs = [python_job(tmp_path, f"j{i}", code) for i in range(3)]
+    run_jobs(jobs, parallel=1, progress=None)
+    spans = sorted(tuple(map(float, j.log.read_text().split())) for j in jobs)
+    assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:]))
+
+
+def test_mps_asked_for_on_a_machine_without_it_is_a_note_not_an_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(parallel.shutil, "which", lambda name: None)
+    note = io.StringIO()
+    with parallel.mps_daemon(True, asked=True, note=note) as env:
+        assert env == {}
+    assert "CUDA MPS is not available here" in note.getvalue() and "\n" == note.getvalue()[-1]
+
+
+@pytest.mark.parametrize("plan, message", [
+    ({"jobs": []}, "non-empty \"jobs\" list"),
+    ({"jobs": [{"name": "a"}, {"name": "a"}]}, "unique"),
+    ({"jobs": [{"name": "a", "lr": 1}]}, "unknown keys ['lr']"),
+    ({"jobs": [{"name": "a", "set": ["model.nope=1"]}]}, "job 'a'"),
+])
+def test_a_bad_plan_is_a_one_line_error_before_anything_runs(tmp_path, capsys, plan, message):
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    rc = main(["train", "--jobs", str(path), "--output", str(tmp_path / "runs"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and message in err and "\n" not in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_seeds_must_be_distinct_integers(capsys):
+    assert main(["train", "--seeds", "0,x"]) == 2
+    assert "--seeds" in capsys.readouterr().err
+
+
+def test_parallel_without_several_runs_is_a_one_line_error(capsys):
+    assert main(["train", "--parallel", "2"]) == 2
+    assert "--seeds or --jobs" in capsys.readouterr().err
+
+
+def test_a_job_that_outlives_its_timeout_is_stopped_and_reported(tmp_path):
+    (hung,) = run_jobs([python_job(tmp_path, "hung", "import time; time.sleep(60)")], parallel=1, progress=None,
+                       timeout_s=0.5)
+    assert not hung.ok and hung.error == "timed out after 0.5s" and hung.seconds < 30
+
+
+def test_seeds_make_one_train_job_per_seed_each_with_its_own_run_folder(tmp_path, monkeypatch, capsys):
+    launched = []
+
+    def record(jobs, parallel, **kwargs):
+        launched.extend(jobs)
+        return [parallel_result(job) for job in jobs]
+
+    def parallel_result(job):
+        return parallel.JobResult(job.name, 0, 0.0, job.log, job.run_dir)
+
+    monkeypatch.setattr(parallel, "run_jobs", record)
+    rc = main(["train", "--preset", "tiny", "--seeds", "3,5", "--parallel", "1", "--output", str(tmp_path),
+               "--device", "cpu", "--set", "train.epochs=1"])
+    assert rc == 0
+    assert [job.name for job in launched] == ["seed3", "seed5"]
+    for job, seed in zip(launched, (3, 5)):
+        argv = job.cmd[job.cmd.index("train") + 1:]
+        assert argv[argv.index("--seed") + 1] == str(seed) and "train.epochs=1" in argv
+        assert job.run_dir.parent.parent == tmp_path and job.run_dir.name == f"seed{seed}"
+        assert job.log == job.run_dir / "train.log"
+    assert launched[0].run_dir.parent.name.endswith("_tiny_seeds")
+
+
+def test_mps_daemon_is_started_for_the_jobs_with_private_folders_and_stopped_after(tmp_path, monkeypatch):
+    # stand-ins for the NVIDIA tools: the control program records each call (arguments, stdin, pipe folder)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls.txt"
+    control = bin_dir / "nvidia-cuda-mps-control"
+    control.write_text(f"#!/bin/sh\nstdin=''\n[ \"$1\" = -d ] || stdin=$(cat)\n"
+                       f"echo \"$* | $stdin | $CUDA_MPS_PIPE_DIRECTORY\" >> {calls}\n")
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    code = "import os; print(os.environ.get('CUDA_MPS_PIPE_DIRECTORY', 'none'))"
+    jobs = [python_job(tmp_path, f"j{i}", code) for i in range(2)]
+    run_jobs(jobs, parallel=2, mps="auto", progress=None)
+    start, stop = calls.read_text().splitlines()
+    pipe = start.split(" | ")[2]
+    assert start.startswith("-d |") and stop.startswith(" | quit |") and stop.endswith(pipe)
+    assert all(job.log.read_text().strip() == pipe for job in jobs)  # the jobs joined that daemon
+    assert not Path(pipe).exists()  # its folders are gone after
