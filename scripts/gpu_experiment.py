@@ -12,8 +12,9 @@ in fp16 (their .json sidecars are in the tarball), as many as the device tool br
 
 A plan is JSON: {"budget": seconds of training per job, "jobs": [{name, preset, set: [...]}],
 "ensembles": {name: [jobs]}}. A job whose preset is "@best" copies the preset and settings of the job with
-the highest PublicTest accuracy in the summary given by --pick-from (a screen's summary.json), then adds its
-own settings: the recipe is chosen on PublicTest, never on PrivateTest.
+the highest PublicTest accuracy in the summaries given by --pick-from (screens' summary.json files; only
+the jobs its "among" list names, if it has one), then adds its own settings: the recipe is chosen on
+PublicTest, never on PrivateTest.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def main() -> int:
     ap.add_argument("--plan", required=True, help="JSON: {jobs: [{name, preset, set: [...]}], ensembles: {name: [jobs]}}")
     ap.add_argument("--budget", type=float, default=None,
                     help="training seconds per job (default: the plan's budget, else 420)")
-    ap.add_argument("--pick-from", help="a screen's summary.json: what a job with preset @best copies")
+    ap.add_argument("--pick-from", nargs="+", metavar="SUMMARY",
+                    help="screens' summary.json files: what a job with preset @best copies")
     ap.add_argument("--slice", type=int, default=0, metavar="N",
                     help="dry run: only the first N images of each class in each of Training, PublicTest and "
                          "PrivateTest (copied to /tmp/fer_slice)")
@@ -148,17 +150,26 @@ def data_slice(root: Path, n: int, target: Path) -> Path:
     return target
 
 
-def resolve_job(job: dict, pick_from: str | None) -> dict:
-    """A plan job; one whose preset is @best becomes the best job (by PublicTest accuracy) of a screen."""
+def resolve_job(job: dict, pick_from: list[str] | None) -> dict:
+    """A plan job; one whose preset is @best becomes the best job, by PublicTest accuracy, of the screens'
+    summaries (among the jobs its "among" list names, when it has one)."""
     if job["preset"] != "@best":
         return job
     if not pick_from:
         raise SystemExit(f"job {job['name']} copies the best job of a screen: give --pick-from SUMMARY.json")
-    screen = json.loads(Path(pick_from).read_text())
-    done = {n: j for n, j in screen["jobs"].items() if "val_acc" in j}
-    best = max(done, key=lambda n: done[n]["val_acc"])  # PublicTest, single model, no TTA
-    source = next(j for j in screen["plan"]["jobs"] if j["name"] == best)
-    print(f"{job['name']}: the screen's best on PublicTest is {best} ({done[best]['val_acc']:.4f})", flush=True)
+    candidates = {}
+    for path in pick_from:
+        screen = json.loads(Path(path).read_text())
+        plan_jobs = {j["name"]: j for j in screen["plan"]["jobs"]}
+        for name, result in screen["jobs"].items():
+            if "val_acc" in result and (not job.get("among") or name in job["among"]):
+                candidates[name] = (result["val_acc"], plan_jobs[name])
+    if not candidates:
+        raise SystemExit(f"job {job['name']}: no finished job{' among ' + ', '.join(job['among']) if job.get('among') else ''} "
+                         f"in {', '.join(pick_from)}")
+    best = max(candidates, key=lambda n: candidates[n][0])  # PublicTest, single model, no TTA
+    val_acc, source = candidates[best]
+    print(f"{job['name']}: the screens' best on PublicTest is {best} ({val_acc:.4f})", flush=True)
     return {**job, "preset": source["preset"], "set": list(source.get("set", [])) + list(job.get("set", [])),
             "picked": best}
 

@@ -58,10 +58,22 @@ def test_best_picks_the_job_with_the_highest_publictest_accuracy_never_privatete
     gpu = load_script("gpu_experiment")
     screen = tmp_path / "screen.json"
     screen.write_text(json.dumps(summary_of({"a": (0.70, 0.75), "b": (0.72, 0.71)}, {"b": ["optim.name=sgd"]})))
-    job = gpu.resolve_job({"name": "s1", "preset": "@best", "set": ["train.seed=1"]}, str(screen))
+    job = gpu.resolve_job({"name": "s1", "preset": "@best", "set": ["train.seed=1"]}, [str(screen)])
     assert job["picked"] == "b" and job["set"] == ["optim.name=sgd", "train.seed=1"]
     with pytest.raises(SystemExit, match="--pick-from"):
         gpu.resolve_job({"name": "s1", "preset": "@best"}, None)
+
+
+def test_best_among_hybrids_skips_a_better_stem_alone_and_reads_several_screens(tmp_path):
+    gpu = load_script("gpu_experiment")
+    one, two = tmp_path / "screen.json", tmp_path / "screen_vit.json"
+    one.write_text(json.dumps(summary_of({"hybrid": (0.70, 0.7), "hybrid_cnn": (0.75, 0.7)})))
+    two.write_text(json.dumps(summary_of({"hybrid_plateau": (0.71, 0.7), "vit_cnn_warm": (0.74, 0.7)})))
+    job = gpu.resolve_job({"name": "s0", "preset": "@best", "among": ["hybrid", "hybrid_plateau"]},
+                          [str(one), str(two)])
+    assert job["picked"] == "hybrid_plateau"
+    plans = [json.loads((SCRIPTS / "plans" / f"{n}.json").read_text()) for n in ("seeds", "solo")]
+    assert all("hybrid_cnn" not in job["among"] for plan in plans for job in plan["jobs"])
 
 
 def test_the_time_to_an_accuracy_is_read_off_the_logged_test_column(tmp_path):
