@@ -148,7 +148,7 @@ def test_predictor_ten_crop_gives_the_evaluations_probabilities():
         Predictor(TorchClassifier(model, torch.device("cpu")), whole, tta="ten_crop")
 
 
-def test_a_crop_model_trains_end_to_end_and_its_run_is_evaluated_with_ten_crops(tiny_layout, tmp_path):
+def test_a_crop_model_trains_with_mixup_and_cutmix_and_its_run_is_evaluated_with_ten_crops(tiny_layout, tmp_path):
     import json
 
     from fervit.config import RunConfig, apply_overrides
@@ -158,7 +158,8 @@ def test_a_crop_model_trains_end_to_end_and_its_run_is_evaluated_with_ten_crops(
         "model.name=vit_resnet", "model.stem_channels=8,16,32", "model.stem_blocks=1", "model.embed_dim=32",
         "model.depth=1", "model.num_heads=2", "model.mlp_dim=64", "model.head_hidden=32", "model.crop_size=40",
         f"data.root={tiny_layout}", "data.protocol=fer2013", "train.epochs=2", "train.batch_size=16",
-        "train.device=cpu", "train.tta=ten_crop", f"train.output={tmp_path}", "train.threads=1"])
+        "train.device=cpu", "train.tta=ten_crop", f"train.output={tmp_path}", "train.threads=1",
+        "augment.mixup_alpha=0.2", "augment.cutmix_alpha=1.0", "augment.mix_p=1.0"])  # mixing on 40px crops too
     run = train(cfg, quiet=True)
     results = json.loads((run / "results.json").read_text())
     assert results["tta"] == "ten_crop" and results["test"]["num_samples"] == 28

@@ -2,7 +2,7 @@
 # Issue 12's GPU measurement in one command, at most 9 minutes on one H200 (16 CPUs):
 #   scripts/plans/bench_h200.sh DATA OUT [PRESET ...]
 # DATA: the FER-2013 folder layout (or a .zip of it, unpacked to /tmp/fer); OUT: where bench-h200.json and
-# bench-h200.log go; PRESETs: the models with full rows (default vit_cnn vit_patch; any preset name works,
+# bench-h200.log go; PRESETs: the models with full rows (default vit_cnn vit_patch hybrid; any preset works,
 # the new hybrids included), the first of them also gets the step-mode and concurrency rows.
 # The bench writes its JSON after every section ("partial": true until it ends), so the time limit
 # below can only cost the sections it had not reached. A CPU dry run with tiny sizes:
@@ -12,7 +12,7 @@ cd "$(dirname "$0")/../.."
 DATA=${1:?usage: bench_h200.sh DATA OUT [PRESET ...]}
 OUT=${2:?usage: bench_h200.sh DATA OUT [PRESET ...]}
 shift 2
-if [ $# -gt 0 ]; then MODELS=("$@"); else MODELS=(vit_cnn vit_patch); fi
+if [ $# -gt 0 ]; then MODELS=("$@"); else MODELS=(vit_cnn vit_patch hybrid); fi
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 if [[ "$DATA" == *.zip ]]; then
