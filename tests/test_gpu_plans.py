@@ -41,7 +41,7 @@ def test_every_plan_job_is_a_valid_recipe_whose_model_builds(plan):
 
 
 def test_the_new_plans_report_the_time_to_73_percent_and_ship_sized_models():
-    for name in ("screen", "screen_vit", "seeds", "solo"):
+    for name in ("screen", "screen2", "seeds", "solo"):
         data = json.loads((SCRIPTS / "plans" / f"{name}.json").read_text())
         assert all("train.log_test=true" in job["set"] for job in data["jobs"])
 
@@ -66,7 +66,7 @@ def test_best_picks_the_job_with_the_highest_publictest_accuracy_never_privatete
 
 def test_best_among_hybrids_skips_a_better_stem_alone_and_reads_several_screens(tmp_path):
     gpu = load_script("gpu_experiment")
-    one, two = tmp_path / "screen.json", tmp_path / "screen_vit.json"
+    one, two = tmp_path / "screen.json", tmp_path / "screen2.json"
     one.write_text(json.dumps(summary_of({"hybrid": (0.70, 0.7), "hybrid_cnn": (0.75, 0.7)})))
     two.write_text(json.dumps(summary_of({"hybrid_plateau": (0.71, 0.7), "vit_cnn_warm": (0.74, 0.7)})))
     job = gpu.resolve_job({"name": "s0", "preset": "@best", "among": ["hybrid", "hybrid_plateau"]},
