@@ -78,20 +78,26 @@ def check_shapes(cfg: ModelConfig, weights: Path, meta_path: Path) -> None:
         if cfg.name == "timm":  # some timm models call .item() while building, which the meta device refuses;
             return  # their shapes come from the backbone's name, and load_model compares them after building
         raise FervitError(f"cannot build the {cfg.name} described in '{meta_path}' ({e})") from None
-    missing = sorted(set(expected) - set(declared))
-    unexpected = sorted(set(declared) - set(expected))
-    bad_shape = [k for k in expected if k in declared and declared[k][0] != tuple(expected[k].shape)]
+    check_match({k: tuple(v.shape) for k, v in expected.items()}, {k: shape for k, (shape, _) in declared.items()},
+                cfg.name, weights, meta_path)
     bad_type = [k for k in expected if k in declared and expected[k].is_floating_point()
                 and declared[k][1] not in SAFETENSORS_DTYPES]
-    if missing or unexpected or bad_shape:
-        detail = (f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}" if unexpected
-                  else f"shape of {bad_shape[0]} is {declared[bad_shape[0]][0]}, "
-                       f"expected {tuple(expected[bad_shape[0]].shape)}")
-        raise FervitError(f"checkpoint '{weights}' does not match a {cfg.name} model as described in "
-                          f"'{meta_path.name}' ({detail})")
     if bad_type:
         raise FervitError(f"checkpoint '{weights}' stores {bad_type[0]} as {declared[bad_type[0]][1]}; a model's "
                           "weights are floating point (F32, F16 or BF16)")
+
+
+def check_match(expected: dict[str, tuple], found: dict[str, tuple], name: str, weights: Path,
+                meta_path: Path) -> None:
+    """A one-line error unless the tensor names and shapes `found` in a file are those the model `expected`."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    bad_shape = [k for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
+    if missing or unexpected or bad_shape:
+        detail = (f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}" if unexpected
+                  else f"shape of {bad_shape[0]} is {tuple(found[bad_shape[0]])}, expected {tuple(expected[bad_shape[0]])}")
+        raise FervitError(f"checkpoint '{weights}' does not match a {name} model as described in "
+                          f"'{meta_path.name}' ({detail})")
 
 
 def check_weights(state: dict[str, torch.Tensor], path: Path) -> None:
