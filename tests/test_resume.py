@@ -139,6 +139,24 @@ def test_sigterm_to_the_cli_exits_for_requeue_and_resume_finishes_the_run(layout
     assert json.loads((run_dir / "results.json").read_text())["epochs_completed"] == 12
 
 
+def test_a_run_finished_by_ctrl_c_resumes_exactly(layout, reference, monkeypatch, tmp_path):
+    augment = epoch_module.augment_batch
+    calls = {"n": 0}
+
+    def interrupt_in_epoch_3(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2 * (35 // 16) + 1:
+            raise KeyboardInterrupt
+        return augment(*args, **kwargs)
+
+    monkeypatch.setattr(epoch_module, "augment_batch", interrupt_in_epoch_3)
+    run_dir = train(config(layout, tmp_path), quiet=True)
+    assert json.loads((run_dir / "results.json").read_text())["interrupted"] and load_last(run_dir).epoch == 2
+    monkeypatch.undo()
+    train(config(layout, tmp_path), quiet=True, run_dir=run_dir, resume=True)
+    assert outcome(run_dir) == reference
+
+
 @pytest.fixture
 def stopped_run(layout, monkeypatch, tmp_path) -> Path:
     signal_during_epoch(monkeypatch, epoch=1)
