@@ -138,7 +138,8 @@ class RunLock:
         if fcntl is None:
             return ""
         try:
-            f = os.fdopen(os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666), "r+")
+            f = os.fdopen(os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666), "r+", encoding="utf-8",
+                          errors="replace")
         except OSError as e:
             return f"cannot lock the run folder {run_dir} ({e.strerror}); training needs to write in it"
         try:
