@@ -3,9 +3,13 @@ exactly where the uninterrupted run ends. Bad resume requests end in one clear l
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +22,7 @@ from helpers import tiny_run_config
 import fervit.training.step as epoch_module  # the step draws the augmentation
 import fervit.training.resume as resume
 from fervit.cli import main
-from fervit.training.resume import EXIT_REQUEUE, LAST_DIR, MANIFEST, Preempted, load_last
+from fervit.training.resume import EXIT_REQUEUE, LAST_DIR, LOCK_FILE, MANIFEST, Preempted, RunLock, load_last
 from fervit.training.trainer import train
 
 EPOCHS = 4
@@ -76,7 +80,7 @@ def test_signal_mid_epoch_finishes_the_epoch_checkpoints_and_resumes_exactly(lay
     monkeypatch.undo()
     train(config(layout, tmp_path), quiet=True, run_dir=run_dir, resume=True)
     assert outcome(run_dir) == reference
-    assert not (run_dir / LAST_DIR).exists()  # a finished run drops its resume state
+    assert load_last(run_dir).epoch == EPOCHS  # a finished run keeps its resume state, to be trained further
 
 
 def test_second_signal_abandons_the_epoch_and_the_previous_checkpoint_resumes_exactly(layout, reference,
@@ -135,6 +139,24 @@ def test_sigterm_to_the_cli_exits_for_requeue_and_resume_finishes_the_run(layout
     assert json.loads((run_dir / "results.json").read_text())["epochs_completed"] == 12
 
 
+def test_a_run_finished_by_ctrl_c_resumes_exactly(layout, reference, monkeypatch, tmp_path):
+    augment = epoch_module.augment_batch
+    calls = {"n": 0}
+
+    def interrupt_in_epoch_3(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2 * (35 // 16) + 1:
+            raise KeyboardInterrupt
+        return augment(*args, **kwargs)
+
+    monkeypatch.setattr(epoch_module, "augment_batch", interrupt_in_epoch_3)
+    run_dir = train(config(layout, tmp_path), quiet=True)
+    assert json.loads((run_dir / "results.json").read_text())["interrupted"] and load_last(run_dir).epoch == 2
+    monkeypatch.undo()
+    train(config(layout, tmp_path), quiet=True, run_dir=run_dir, resume=True)
+    assert outcome(run_dir) == reference
+
+
 @pytest.fixture
 def stopped_run(layout, monkeypatch, tmp_path) -> Path:
     signal_during_epoch(monkeypatch, epoch=1)
@@ -144,13 +166,18 @@ def stopped_run(layout, monkeypatch, tmp_path) -> Path:
     return stop.value.run_dir
 
 
-def test_the_same_run_dir_command_line_resumes_a_stopped_run_exactly(stopped_run, layout, reference):
+def run_dir_argv(run_dir: Path, layout: Path) -> list[str]:
+    """The command line that starts `config`'s run in `run_dir`, and resumes it there (what Slurm requeues)."""
     settings = ["train.threads=1", "train.batch_size=16", "model.dropout=0.1", "augment.mixup_alpha=0.2",
                 "optim.ema_decay=0.9"]
-    argv = ["train", "--run-dir", str(stopped_run), "--preset", "tiny", "--data", str(layout), "--cache-dir",
-            str(layout.parent / "cache"), "--output", str(stopped_run.parent), "--device", "cpu",
+    argv = ["train", "--run-dir", str(run_dir), "--preset", "tiny", "--data", str(layout), "--cache-dir",
+            str(layout.parent / "cache"), "--output", str(run_dir.parent), "--device", "cpu",
             "--epochs", str(EPOCHS), "--quiet"]
-    assert main(argv + [arg for s in settings for arg in ("--set", s)]) == 0
+    return argv + [arg for s in settings for arg in ("--set", s)]
+
+
+def test_the_same_run_dir_command_line_resumes_a_stopped_run_exactly(stopped_run, layout, reference):
+    assert main(run_dir_argv(stopped_run, layout)) == 0
     assert outcome(stopped_run) == reference
 
 
@@ -175,14 +202,15 @@ def test_resuming_a_folder_that_is_not_a_run_is_one_clear_error(tmp_path, capsys
     assert "no such folder" in capsys.readouterr().err
 
 
-def test_resuming_with_another_number_of_processes_is_refused(stopped_run, layout):
+def test_resuming_with_another_number_of_processes_is_refused(stopped_run, layout, monkeypatch):
     from fervit.data.dataset import load_fer
     from fervit.errors import FervitError
     from fervit.training.distributed import DistContext
 
     cfg = config(layout, stopped_run.parent)
     data = load_fer(layout, layout.parent / "cache", progress=False)
-    with pytest.raises(FervitError, match="trained by 1 process"):  # refused before any collective call
+    monkeypatch.setattr(resume, "broadcast_value", lambda value, ctx: value)  # the lock's, as rank 0 sees it
+    with pytest.raises(FervitError, match="trained by 1 process"):  # refused before any other collective call
         train(cfg, quiet=True, data=data, run_dir=stopped_run, resume=True, ctx=DistContext(world_size=2))
 
 
@@ -191,14 +219,19 @@ RECIPE = ("optim.name=sgd", "optim.lr=0.05", "optim.weight_decay=1e-4", "optim.s
           "optim.plateau_patience=1", "optim.warmup_epochs=1", "optim.ema_warmup=true")
 
 
-def test_sgd_plateau_and_ema_warmup_resume_exactly(layout, monkeypatch, tmp_path):
-    uninterrupted = outcome(train(config(layout, tmp_path / "reference", *RECIPE), quiet=True))
+@pytest.fixture(scope="module")
+def plateau_reference(layout) -> dict:
+    """The uninterrupted run of the issue-11 recipe."""
+    return outcome(train(config(layout, layout.parent / "plateau_reference", *RECIPE), quiet=True))
+
+
+def test_sgd_plateau_and_ema_warmup_resume_exactly(layout, plateau_reference, monkeypatch, tmp_path):
     signal_during_epoch(monkeypatch, epoch=3)
     with pytest.raises(Preempted) as stop:
         train(config(layout, tmp_path / "stopped", *RECIPE), quiet=True)
     monkeypatch.undo()
     train(config(layout, tmp_path / "stopped", *RECIPE), quiet=True, run_dir=stop.value.run_dir, resume=True)
-    assert outcome(stop.value.run_dir) == uninterrupted
+    assert outcome(stop.value.run_dir) == plateau_reference
 
 
 def test_a_checkpoint_written_before_the_sgd_plateau_and_ema_warmup_keys_still_resumes(tmp_path):
@@ -212,3 +245,203 @@ def test_a_checkpoint_written_before_the_sgd_plateau_and_ema_warmup_keys_still_r
     check_config(saved, RunConfig(), tmp_path)  # the missing keys mean what they meant then: the defaults
     with pytest.raises(FervitError, match="'optim.name' is 'sgd'"):
         check_config(saved, apply_overrides(RunConfig(), ["optim.name=sgd"]), tmp_path)
+
+
+# --- one process per run folder: the lock ---
+
+HOLD_THE_LOCK = """
+import sys, time
+from pathlib import Path
+from fervit.training.distributed import DistContext
+from fervit.training.resume import RunLock
+lock = RunLock()
+lock.acquire(Path(sys.argv[1]), DistContext())
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.fixture
+def holder(stopped_run):
+    """Another process that holds the stopped run's lock, as a process training into it does."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, str(stopped_run)], stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder): (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--run-dir"])
+def test_a_run_folder_another_process_trains_into_is_refused_at_once_and_left_untouched(flag, stopped_run, holder,
+                                                                                       layout, monkeypatch, capsys):
+    import fervit.training.trainer as trainer
+
+    def no_data_read(*args, **kwargs):
+        raise AssertionError("the data was read before the lock was checked")
+
+    monkeypatch.setattr(trainer, "load_data", no_data_read)
+    before = snapshot(stopped_run)
+    argv = ["train", "--resume", str(stopped_run), "--quiet"] if flag == "--resume" else run_dir_argv(stopped_run,
+                                                                                                     layout)
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (f"fervit: error: {stopped_run} is in use by another fervit process (PID "
+                                       f"{holder.pid} on {socket.gethostname()}) that trains into it; wait for that "
+                                       "one to end (or stop it), then run this again\n")
+    assert snapshot(stopped_run) == before
+
+
+def test_a_killed_holder_leaves_no_stale_lock(stopped_run, holder):
+    holder.kill()  # SIGKILL: the holder runs no cleanup; the kernel drops its lock
+    holder.wait()
+    assert main(["train", "--resume", str(stopped_run), "--quiet"]) == 0
+    assert json.loads((stopped_run / "results.json").read_text())["epochs_completed"] == EPOCHS
+
+
+def test_under_ddp_only_rank_0_takes_the_lock(tmp_path, monkeypatch):
+    from fervit.training.distributed import DistContext
+
+    monkeypatch.setattr(resume, "broadcast_value", lambda value, ctx: value)  # one process stands in for each rank
+    RunLock().acquire(tmp_path, DistContext(rank=1, world_size=2))
+    assert not (tmp_path / LOCK_FILE).exists()
+    RunLock().acquire(tmp_path, DistContext(rank=0, world_size=2))
+    assert (tmp_path / LOCK_FILE).read_text() == f"PID {os.getpid()} on {socket.gethostname()}\n"
+
+
+# --- --resume with --epochs N: train a run further ---
+
+@pytest.fixture
+def finished_run(layout, tmp_path) -> Path:
+    """A run planned for 2 of the reference's 4 epochs, finished."""
+    return train(config(layout, tmp_path, "train.epochs=2"), quiet=True)
+
+
+def lr_column(rows: list[str]) -> list[str]:
+    return [row.split(",")[1] for row in rows[1:]]
+
+
+def test_resume_with_more_epochs_trains_a_finished_run_further_on_the_longer_cosine(finished_run, reference):
+    assert main(["train", "--resume", str(finished_run), "--epochs", str(EPOCHS), "--quiet"]) == 0
+    extended = outcome(finished_run)
+    # epochs 3 and 4 follow the 4-epoch cosine; epoch 2 had followed the 2-epoch one
+    assert lr_column(extended["rows"])[2:] == lr_column(reference["rows"])[2:]
+    assert lr_column(extended["rows"])[1] != lr_column(reference["rows"])[1]
+    res = json.loads((finished_run / "results.json").read_text())
+    val_accs = [float(row.split(",")[5]) for row in extended["rows"][1:]]
+    assert res["epochs_completed"] == res["epochs_planned"] == EPOCHS
+    assert res["best_epoch"] == 1 + val_accs.index(max(val_accs))  # chosen on validation over the whole run
+    assert res["val"]["accuracy"] == pytest.approx(res["best_val_acc"])  # results are the best epoch's model's
+    assert json.loads((finished_run / "config.json").read_text())["train"]["epochs"] == EPOCHS
+
+
+def test_extending_a_finished_plateau_run_ends_exactly_where_the_longer_run_ends(layout, plateau_reference, tmp_path):
+    run_dir = train(config(layout, tmp_path, *RECIPE, "train.epochs=2"), quiet=True)
+    train(config(layout, tmp_path, *RECIPE), quiet=True, run_dir=run_dir, resume=True)  # 4 epochs
+    assert outcome(run_dir) == plateau_reference
+
+
+def test_an_extension_stopped_by_a_signal_continues_to_the_new_total_on_a_plain_resume(finished_run, monkeypatch):
+    signal_during_epoch(monkeypatch, epoch=1)  # the first epoch this process trains: epoch 3
+    assert main(["train", "--resume", str(finished_run), "--epochs", str(EPOCHS), "--quiet"]) == EXIT_REQUEUE
+    assert load_last(finished_run).epoch == 3
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(finished_run), "--quiet"]) == 0
+    assert json.loads((finished_run / "results.json").read_text())["epochs_completed"] == EPOCHS
+
+
+FINISHED = ("{run} has already finished (2 epochs; results.json is written); to train it further, give --epochs N "
+            "with N above 2")
+
+
+@pytest.mark.parametrize("epochs,message", [
+    ([], FINISHED),
+    (["--epochs", "2"], FINISHED),
+    (["--epochs", "1"], "--epochs 1: {run} has trained 2 epochs already; give more than 2 to train it further"),
+], ids=["no --epochs", "the same", "fewer"])
+def test_resuming_a_finished_run_without_more_epochs_is_one_clear_line(finished_run, epochs, message, capsys):
+    before = snapshot(finished_run)
+    assert main(["train", "--resume", str(finished_run), "--quiet", *epochs]) == 2
+    assert capsys.readouterr().err == f"fervit: error: {message.format(run=finished_run)}\n"
+    before.pop(Path(LOCK_FILE))  # the refused process held the lock while it checked
+    assert {k: v for k, v in snapshot(finished_run).items() if k != Path(LOCK_FILE)} == before
+
+
+# --- a damaged or hand-edited checkpoint: one line that names the file ---
+
+@pytest.fixture(scope="module")
+def stopped_once(layout, tmp_path_factory) -> Path:
+    return train(config(layout, tmp_path_factory.mktemp("stopped_once"), "train.epochs=1"), quiet=True)
+
+
+@pytest.fixture
+def damaged_run(stopped_once, tmp_path) -> Path:
+    """A copy of a run whose `last/` is to be damaged; resumed with --epochs 2, so only the damage stops it."""
+    return Path(shutil.copytree(stopped_once, tmp_path / stopped_once.name))
+
+
+def edit_manifest(run_dir: Path, edit) -> None:
+    path = run_dir / LAST_DIR / MANIFEST
+    content = edit(json.loads(path.read_text()))
+    path.write_bytes(content if isinstance(content, bytes) else json.dumps(content).encode())
+
+
+def edit_state(run_dir: Path, edit) -> None:
+    """Edit the state file as a careful hand would: the manifest gets its new checksum."""
+    folder = run_dir / LAST_DIR
+    manifest = json.loads((folder / MANIFEST).read_text())
+    path = folder / manifest["files"]["state"]
+    meta = json.loads(path.read_text())
+    edit(meta)
+    path.write_text(json.dumps(meta))
+    manifest["sha256"][path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+
+
+def without(d: dict, key: str) -> dict:
+    return {k: v for k, v in d.items() if k != key}
+
+
+MANIFEST_DAMAGE = [
+    (lambda m: b"{not json", r"manifest\.json is not JSON \(.+\)"),
+    (lambda m: bytes(range(256)), r"manifest\.json is not JSON \(.+\)"),
+    (lambda m: [m], r"manifest\.json holds a list, not an object"),
+    (lambda m: without(m, "sha256"), r"manifest\.json has no 'sha256'"),
+    (lambda m: {**m, "files": list(m["files"].values())}, r"manifest\.json has 'files' as a list, not an object"),
+    (lambda m: {**m, "epoch": "1"}, r"manifest\.json has 'epoch' as a string, not an integer"),
+    (lambda m: {**m, "epoch": -1}, r"manifest\.json has 'epoch' -1, not 1 or more"),
+    (lambda m: {**m, "format": "other/1"},
+     r"manifest\.json is not a fervit resume manifest \(expected format fervit-resume/1\)"),
+    (lambda m: {**m, "files": {**m["files"], "state": "../config.json"}},
+     r"manifest\.json has 'files' naming '\.\./config\.json', not a file name inside last/"),
+]
+STATE_DAMAGE = [
+    (lambda s: s["progress"].update(rows={}), r"e0001\.json has 'progress\.rows' as an object, not a list"),
+    (lambda s: s["progress"].update(epoch=-1),
+     r"e0001\.json has 'progress\.epoch' -1, not between 1 and 'progress\.epochs' \(1\)"),
+    (lambda s: s["progress"].pop("best_acc"), r"e0001\.json has no 'progress\.best_acc'"),
+    (lambda s: s["progress"]["rows"][0].pop("val_acc"), r"e0001\.json has no 'progress\.rows\[1\]\.val_acc'"),
+    (lambda s: s["progress"]["rows"].append(s["progress"]["rows"][0]),
+     r"e0001\.json has 2 rows in 'progress\.rows' for 1 epochs"),
+    (lambda s: s.update(world_size=True), r"e0001\.json has 'world_size' as a boolean, not an integer"),
+    (lambda s: s.update(progress=[]), r"e0001\.json has 'progress' as a list, not an object"),
+    (lambda s: s["optimizer"].update(param_groups="all"),
+     r"its optimiser or schedule state does not fit \(.+\)"),
+]
+
+
+@pytest.mark.parametrize("damage,problem", MANIFEST_DAMAGE + STATE_DAMAGE)
+def test_a_hand_edited_checkpoint_is_one_line_naming_the_file_and_how_to_start_over(damaged_run, damage, problem,
+                                                                                   capsys):
+    if (damage, problem) in MANIFEST_DAMAGE:
+        edit_manifest(damaged_run, damage)
+    else:
+        edit_state(damaged_run, damage)
+    assert main(["train", "--resume", str(damaged_run), "--epochs", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    folder = re.escape(str(damaged_run / LAST_DIR))
+    assert re.fullmatch(f"fervit: error: the checkpoint in {folder} is damaged: {problem}; delete {folder} to start "
+                        "the run over from epoch 1\n", err), err

@@ -39,6 +39,15 @@ def test_replan_finishes_the_cosine_at_the_new_total_from_where_it_is():
     assert s(5) == pytest.approx(0.6)  # the warmup is not part of the plan
 
 
+def test_replan_to_a_longer_total_follows_the_longer_cosine_from_the_step_reached():
+    s = WarmupCosine(total_steps=100, warmup_steps=10, min_ratio=0.01)
+    assert s(100) == pytest.approx(0.01)  # a finished run sits at the floor
+    s.replan(190)  # --epochs on resume: 100 -> 190 steps
+    longer = WarmupCosine(total_steps=190, warmup_steps=10, min_ratio=0.01)
+    assert [s(k) for k in (100, 150, 190)] == [longer(k) for k in (100, 150, 190)]
+    assert s(100) == pytest.approx(0.01 + 0.99 * 0.5)  # half way through the longer cosine: back up to about half
+
+
 def test_class_weights_are_inverse_frequency_and_one_for_a_balanced_set():
     labels = torch.tensor([0] * 6 + [1] * 3 + [2] * 1)
     w = class_weights(labels, 3)

@@ -14,7 +14,8 @@ def add_parser(sub) -> None:
     p.add_argument("--preset", help="preset name or .json file (see `fervit presets`; default vit_cnn)")
     add_data_args(p)
     p.add_argument("--protocol", choices=["seed", "fer2013"])
-    p.add_argument("--epochs", type=int)
+    p.add_argument("--epochs", type=int, help="epochs in all; with --resume, more than the run has done trains it "
+                                              "further, also a finished run (the cosine re-plans to the new total)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--output", help="folder that receives the run folder (default runs/)")
@@ -25,7 +26,8 @@ def add_parser(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue a stopped run exactly from its last checkpoint, with its own config "
-                        "(only where/how-fast keys such as --data or --device may change)")
+                        "(only where/how-fast keys such as --data or --device, and --epochs, may change); refused "
+                        "while another process trains into RUN_DIR")
     p.add_argument("--run-dir", metavar="DIR",
                    help="write the run into DIR; if DIR already holds this run, resume it (what a requeued "
                         "Slurm job needs: the same command line starts, then continues)")

@@ -11,6 +11,8 @@ and the best-so-far). It is safetensors + JSON, never a pickle, in `RUN_DIR/last
     manifest.json           written last, atomically: names the files above with their SHA-256
 
 A kill at any moment leaves the previous manifest pointing at complete files, so a run can always resume.
+A finished run keeps `last/`, so `--resume RUN --epochs N` can train it further. While a process trains into
+a run folder it holds an advisory lock on `RUN_DIR/.lock` (RunLock), so a second one is refused at once.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import json
 import os
 import shutil
 import signal
+import socket
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,18 +37,32 @@ from safetensors.torch import load_file, save
 from fervit.config import RunConfig
 from fervit.errors import FervitError
 from fervit.io import atomic_write, write_json
-from fervit.runs import read_run_config
+from fervit.runs import METRIC_FIELDS, read_run_config
 from fervit.models.checkpoint import WEIGHTS_NAME, unwrap
-from fervit.training.distributed import DistContext, gather_tensors
+from fervit.training.distributed import DistContext, broadcast_value, gather_tensors
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so run folders are not locked there
+    fcntl = None
 
 FORMAT = "fervit-resume/1"
 LAST_DIR = "last"
 MANIFEST = "manifest.json"
+LOCK_FILE = ".lock"
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: "try again later"; the Slurm scripts requeue the job on it
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1")  # Slurm: preemption, and `--signal=USR1@<s>` before the time limit
-# config keys that say where or how fast to run, not what to compute: a resumed run may change them
+# config keys that say where, how fast or how long to run, not what to compute: a resumed run may change them
+# (train.epochs extends or re-plans the run: the trainer's `extend`)
 FREE_KEYS = frozenset({"data.root", "data.cache_dir", "data.strict", "train.output", "train.threads",
-                       "train.device", "train.compile", "train.eval_batch_size"})
+                       "train.device", "train.compile", "train.eval_batch_size", "train.epochs"})
+# the keys (and JSON types) a checkpoint's manifest, state file and progress must hold: a hand edit is checked
+MANIFEST_FIELDS = {"format": str, "epoch": int, "files": dict, "sha256": dict}
+STATE_FIELDS = {"config": dict, "world_size": int, "device_type": str, "data_fingerprint": str, "optimizer": dict,
+                "scheduler": dict, "progress": dict}
+PROGRESS_FIELDS = {"epochs": int, "epoch": int, "rows": list, "best_acc": float, "best_epoch": int, "stale": int,
+                   "stop_reason": str, "elapsed_s": float}
+JSON_TYPES = {str: "a string", int: "an integer", float: "a number", dict: "an object", list: "a list"}
 
 
 class Preempted(Exception):
@@ -92,6 +110,63 @@ class StopSignals:
         self._previous.clear()
 
 
+class RunLock:
+    """An advisory lock (flock) on `RUN_DIR/.lock`, held by rank 0 while it trains into the folder, so that a
+    second `fervit train` into the same folder stops at once instead of writing over the first.
+
+    The kernel drops the lock when the process ends, however it ends, so a crash leaves no stale lock. It needs
+    a filesystem with working flock: local disks, NFSv4 and NFSv3 with lockd (Linux maps flock to NFS byte-range
+    locks), Lustre mounted with `-o flock`; an NFS mount with `nolock` or `local_lock=flock` locks only within
+    one machine. Where flock fails outright, training warns and runs unlocked.
+    """
+
+    def __init__(self):
+        self._file = None
+
+    def acquire(self, run_dir: str | Path | None, ctx: DistContext) -> None:
+        """Take the lock on `run_dir` unless held already (a folder that does not exist yet is left for a later
+        call). Collective under DDP: only rank 0 locks, and every rank raises its one-line error."""
+        error = ""
+        if ctx.is_main and self._file is None and run_dir is not None and Path(run_dir).is_dir():
+            error = self._lock(Path(run_dir))
+        error = broadcast_value(error, ctx)
+        if error:
+            raise FervitError(error)
+
+    def _lock(self, run_dir: Path) -> str:
+        """'' once locked (or where locks do not work); else the error that names the holder."""
+        if fcntl is None:
+            return ""
+        try:
+            f = os.fdopen(os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666), "r+", encoding="utf-8",
+                          errors="replace")
+        except OSError as e:
+            return f"cannot lock the run folder {run_dir} ({e.strerror}); training needs to write in it"
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = f.read().strip() or "PID unknown"  # the holder writes its PID just after it locks
+            f.close()
+            return (f"{run_dir} is in use by another fervit process ({holder}) that trains into it; wait for that "
+                    "one to end (or stop it), then run this again")
+        except OSError as e:
+            f.close()
+            warnings.warn(f"cannot lock {run_dir} ({e.strerror}): this filesystem has no working flock, so nothing "
+                          "stops a second process from training into the same folder", stacklevel=2)
+            return ""
+        f.truncate()
+        f.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        self._file = f
+        return ""
+
+    def release(self) -> None:
+        """Drop the lock (closing the file drops it); the file stays, so no other process can lock a stale copy."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 @dataclass
 class ResumeState:
     """A loaded `last` checkpoint: the JSON part as read, the tensors, and where the best model lies."""
@@ -108,6 +183,11 @@ class ResumeState:
     def epoch(self) -> int:
         return int(self.progress["epoch"])
 
+    @property
+    def planned_epochs(self) -> int:
+        """train.epochs in the config the checkpoint was written with."""
+        return int(self.meta["config"]["train"]["epochs"])
+
 
 def recipe(cfg_dict: dict) -> dict:
     """The config without FREE_KEYS: what must be identical for a resume to be exact."""
@@ -121,7 +201,8 @@ def recipe_hash(cfg: RunConfig) -> str:
 
 
 def check_config(saved: dict, cfg: RunConfig, run_dir: Path) -> None:
-    """Raise a one-line FervitError naming the first recipe key that differs from the checkpoint's config."""
+    """Raise a one-line FervitError naming the first recipe key that differs from the checkpoint's config
+    (train.epochs may differ: that extends or re-plans the run)."""
     with contextlib.suppress(FervitError):  # keys added to the config since then take their (old-behaviour) defaults
         saved = RunConfig.from_dict(saved).to_dict()
     saved_recipe = json.loads(json.dumps(recipe(saved)))
@@ -283,38 +364,127 @@ def has_checkpoint(run_dir: str | Path) -> bool:
 
 
 def load_last(run_dir: str | Path) -> ResumeState | None:
-    """The run's `last` checkpoint, verified against its manifest; None when none was written yet."""
+    """The run's `last` checkpoint, verified against its manifest; None when none was written yet.
+
+    A damaged or hand-edited checkpoint (not JSON, wrong types, missing keys, values out of range, files that do
+    not match their checksums) is a one-line error naming the file."""
     run_dir = Path(run_dir)
     folder = run_dir / LAST_DIR
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
         return None
-    damaged = f"the checkpoint in {folder} is damaged"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files, digests = manifest["files"], manifest["sha256"]
-        if manifest.get("format") != FORMAT:
-            raise FervitError(f"{manifest_path} is not a fervit resume manifest (expected format {FORMAT})")
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise FervitError(f"{damaged}: {MANIFEST} is unreadable") from None
+
+    def damaged(path: Path, problem: str) -> FervitError:
+        return FervitError(f"the checkpoint in {folder} is damaged: {path.name} {problem}; delete {folder} to "
+                           "start the run over from epoch 1")
+
+    manifest = _read_json(manifest_path, damaged)
+    if isinstance(manifest, dict) and manifest.get("format") != FORMAT:
+        raise damaged(manifest_path, f"is not a fervit resume manifest (expected format {FORMAT})")
+    problem = _json_problem(manifest, MANIFEST_FIELDS) or _manifest_problem(manifest)
+    if problem:
+        raise damaged(manifest_path, problem)
+    files, digests = manifest["files"], manifest["sha256"]
     for name in files.values():
         path = folder / name
         if not path.is_file():
-            raise FervitError(f"{damaged}: {name} is missing")
+            raise damaged(path, "is missing")
         if _sha256(path) != digests.get(name):
-            raise FervitError(f"{damaged}: {name} does not match its checksum (a partial copy or a disk error?)")
+            raise damaged(path, "does not match its checksum (a partial copy or a disk error?)")
+    state_path = folder / files["state"]
+    meta = _read_json(state_path, damaged)
+    problem = (_json_problem(meta, STATE_FIELDS) or _json_problem(meta["progress"], PROGRESS_FIELDS, "progress.")
+               or _state_problem(meta))
+    if not problem and meta["progress"]["epoch"] != manifest["epoch"]:
+        problem = f"is the state after epoch {meta['progress']['epoch']}, but {MANIFEST} says {manifest['epoch']}"
+    if problem:
+        raise damaged(state_path, problem)
     try:
-        meta = json.loads((folder / files["state"]).read_text())
         tensors = load_file(folder / files["tensors"])
-    except (json.JSONDecodeError, SafetensorError, OSError, KeyError) as e:
-        raise FervitError(f"{damaged}: {e}") from None
+    except (SafetensorError, OSError) as e:
+        raise damaged(folder / files["tensors"], f"cannot be read ({e})") from None
     best = (folder / files["best"], folder / files["best_meta"]) if "best" in files else None
     return ResumeState(meta, tensors, best)
+
+
+def _read_json(path: Path, damaged):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # a hand edit gone wrong, or bytes that are not text
+        raise damaged(path, f"is not JSON ({e})") from None
+    except OSError as e:
+        raise damaged(path, f"cannot be read ({e.strerror})") from None
+
+
+def _json_type(value) -> str:
+    return "a boolean" if isinstance(value, bool) else "null" if value is None else JSON_TYPES.get(type(value), "?")
+
+
+def _json_problem(obj, fields: dict, prefix: str = "") -> str:
+    """What is wrong with the JSON object `obj` against `fields` (key -> type); '' when nothing."""
+    if not isinstance(obj, dict):
+        return f"has '{prefix[:-1]}' as {_json_type(obj)}, not an object" if prefix else \
+            f"holds {_json_type(obj)}, not an object"
+    for key, kind in fields.items():
+        if key not in obj:
+            return f"has no '{prefix}{key}'"
+        value = obj[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
+            return f"has '{prefix}{key}' as {_json_type(value)}, not {JSON_TYPES[kind]}"
+    return ""
+
+
+def _manifest_problem(manifest: dict) -> str:
+    files, digests = manifest["files"], manifest["sha256"]
+    if manifest["epoch"] < 1:
+        return f"has 'epoch' {manifest['epoch']}, not 1 or more"
+    if not {"tensors", "state"} <= set(files) or ("best" in files) != ("best_meta" in files):
+        return f"has 'files' {sorted(files)}, expected tensors, state and maybe best with best_meta"
+    for name in files.values():  # plain names inside last/: a hand edit must not point anywhere else
+        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+            return f"has 'files' naming {name!r}, not a file name inside {LAST_DIR}/"
+        if not isinstance(digests.get(name), str):
+            return f"has no SHA-256 for {name} in 'sha256'"
+    return ""
+
+
+def _state_problem(meta: dict) -> str:
+    """Values out of range in the state file (its types are checked already)."""
+    config, p = meta["config"], meta["progress"]
+    if not all(isinstance(section, dict) for section in config.values()):
+        return "has a 'config' section that is not an object"
+    problem = _json_problem(config.get("train"), {"epochs": int}, "config.train.")
+    if problem:
+        return problem
+    if meta["world_size"] < 1:
+        return f"has 'world_size' {meta['world_size']}, not 1 or more"
+    if not 1 <= p["epoch"] <= p["epochs"]:
+        return f"has 'progress.epoch' {p['epoch']}, not between 1 and 'progress.epochs' ({p['epochs']})"
+    if len(p["rows"]) != p["epoch"]:
+        return f"has {len(p['rows'])} rows in 'progress.rows' for {p['epoch']} epochs"
+    row_fields = dict.fromkeys(METRIC_FIELDS, float)
+    for n, row in enumerate(p["rows"], 1):
+        problem = _json_problem(row, row_fields, f"progress.rows[{n}].")
+        if problem:
+            return problem
+    if not 0 <= p["best_epoch"] <= p["epoch"] or p["stale"] < 0 or p["elapsed_s"] < 0:
+        return (f"has 'progress.best_epoch' {p['best_epoch']}, 'progress.stale' {p['stale']} or "
+                f"'progress.elapsed_s' {p['elapsed_s']} out of range")
+    return ""
 
 
 def validate(state: ResumeState, cfg: RunConfig, ctx: DistContext, fingerprint: str, run_dir: Path) -> None:
     """One-line errors for a checkpoint that this process cannot continue exactly."""
     check_config(state.meta["config"], cfg, run_dir)
+    done, planned, p = state.epoch, state.planned_epochs, state.progress
+    if cfg.train.epochs != planned:  # --epochs N: the trainer's `extend` re-plans the run to N epochs
+        if cfg.train.epochs <= done:
+            raise FervitError(f"--epochs {cfg.train.epochs}: {run_dir} has trained {done} epochs already; give more "
+                              f"than {done} to train it further")
+    elif (run_dir / "results.json").is_file() and (done >= p["epochs"] or p["stop_reason"]):
+        how = f"{p['stop_reason']} after {done} epochs" if p["stop_reason"] else f"{done} epochs"
+        raise FervitError(f"{run_dir} has already finished ({how}; results.json is written); to train it further, "
+                          f"give --epochs N with N above {max(done, planned)}")
     if state.meta["world_size"] != ctx.world_size:
         raise FervitError(f"{run_dir} was trained by {state.meta['world_size']} process(es) and this is "
                           f"{ctx.world_size}; resume with the same number (e.g. torchrun --nproc-per-node "
@@ -342,19 +512,25 @@ def restore(state: ResumeState, *, model: nn.Module, ema: nn.Module | None, opti
     except RuntimeError as e:
         raise FervitError(f"the checkpoint in {run_dir / LAST_DIR} does not fit this model "
                           f"({str(e).splitlines()[0]})") from None
-    live_groups = optimizer.state_dict()["param_groups"]
-    groups = []
-    for saved, live in zip(state.meta["optimizer"]["param_groups"], live_groups):
-        # JSON turned tuples (betas) into lists; give them back their type
-        groups.append({k: tuple(v) if isinstance(live.get(k), tuple) else v for k, v in saved.items()})
-    opt_state: dict[int, dict] = {}
-    for key, value in _prefixed(t, "optim/").items():
-        idx, name = key.split("/", 1)
-        opt_state.setdefault(int(idx), {})[name] = value
-    for idx, entry in state.meta["optimizer"]["state"].items():
-        opt_state.setdefault(int(idx), {}).update(entry)
-    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
-    scheduler.load_state_dict(state.meta["scheduler"])
+    try:  # a hand-edited state file with the right checksum can still hold anything here
+        live_groups = optimizer.state_dict()["param_groups"]
+        groups = []
+        for saved, live in zip(state.meta["optimizer"]["param_groups"], live_groups):
+            # JSON turned tuples (betas) into lists; give them back their type
+            groups.append({k: tuple(v) if isinstance(live.get(k), tuple) else v for k, v in saved.items()})
+        opt_state: dict[int, dict] = {}
+        for key, value in _prefixed(t, "optim/").items():
+            idx, name = key.split("/", 1)
+            opt_state.setdefault(int(idx), {})[name] = value
+        for idx, entry in state.meta["optimizer"]["state"].items():
+            opt_state.setdefault(int(idx), {}).update(entry)
+        optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+        scheduler.load_state_dict(state.meta["scheduler"])
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        folder = run_dir / LAST_DIR
+        raise FervitError(f"the checkpoint in {folder} is damaged: its optimiser or schedule state does not fit "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); delete {folder} to "
+                          "start the run over from epoch 1") from None
     if ctx.is_main and state.best_files is not None:
         best = run_dir / WEIGHTS_NAME
         for src, dst in zip(state.best_files, (best, best.with_suffix(".json"))):
@@ -369,8 +545,3 @@ def restore_rng(state: ResumeState, gen: torch.Generator, ctx: DistContext) -> N
     torch.set_rng_state(t[f"rng/cpu/{ctx.rank}"])
     if ctx.device.type == "cuda":
         torch.cuda.set_rng_state(t[f"rng/cuda/{ctx.rank}"], ctx.device)
-
-
-def remove_last(run_dir: Path) -> None:
-    """Drop the `last` checkpoint of a finished run: its results are final, and it is 3x the model's size."""
-    shutil.rmtree(run_dir / LAST_DIR, ignore_errors=True)

@@ -22,8 +22,9 @@ class WarmupCosine:
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def replan(self, total_steps: int) -> None:
-        """Finish the cosine after `total_steps` instead (the time budget): it continues from where it is,
-        decaying faster."""
+        """Finish the cosine after `total_steps` instead (the time budget, or --epochs on resume): from the step
+        reached on, the values are those of the cosine planned for `total_steps` from the start, so a shorter plan
+        decays faster and a longer one takes the rate back up to that cosine's value at this step."""
         self.total_steps = total_steps
 
     def epoch_end(self, val_acc: float) -> bool:

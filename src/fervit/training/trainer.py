@@ -1,9 +1,10 @@
 """Training: the dataset lives on the device as uint8; batches are indexed and augmented there.
 
-`train` reads top to bottom: check the request, load the data, set up (`set_up`: model, optimiser,
-schedule, EMA, maybe a resumed state), then `run_epoch` until done, then `finish` (reload the best
-model, evaluate val and test, write results). One epoch's training is `train_one_epoch`
-(fervit.training.epoch). The run folder is always finished, also after Ctrl-C.
+`train` reads top to bottom: check the request, lock the run folder, load the data, open the run folder,
+set up (`set_up`: model, optimiser, schedule, EMA, maybe a resumed state, `extend`ed to more epochs), then
+`run_epoch` until done, then `finish` (reload the best model, evaluate val and test, write results). One
+epoch's training is `train_one_epoch` (fervit.training.epoch). The run folder is always finished, also after
+Ctrl-C.
 """
 
 from __future__ import annotations
@@ -29,14 +30,13 @@ from fervit.evaluation.plots import curves_png
 from fervit.io import write_json
 from fervit.models import build_model, count_parameters, model_label
 from fervit.models.checkpoint import WEIGHTS_NAME, describe, load_model, save_model
-from fervit.runs import make_run_dir, write_metrics_csv
+from fervit.runs import make_run_dir, read_run_config, write_metrics_csv
 from fervit.training.distributed import (DistContext, all_reduce_sum, any_rank, barrier, broadcast_value, close,
                                         init_distributed, wrap_model)
 from fervit.training.epoch import (EpochParts, build_ema, build_optimizer, class_weights, maybe_compile,
                                    train_one_epoch)
-from fervit.training.resume import (CheckpointWriter, Preempted, ResumeState, StopNow, StopSignals,
-                                    data_fingerprint, has_checkpoint, load_last, remove_last, restore, restore_rng,
-                                    validate)
+from fervit.training.resume import (CheckpointWriter, Preempted, ResumeState, RunLock, StopNow, StopSignals,
+                                    data_fingerprint, has_checkpoint, load_last, restore, restore_rng, validate)
 from fervit.training.schedule import WarmupCosine, WarmupPlateau, apply_now, build_schedule
 from fervit.training.tensorboard import TensorBoardLog
 
@@ -89,29 +89,34 @@ def train(cfg: RunConfig, quiet: bool = False, data: FerData | None = None, *, r
     """Train one model as configured; returns the finished run folder.
 
     `run_dir`: write into this folder instead of a new one under train.output. `resume`: continue the run
-    in `run_dir` from its `last` checkpoint (one without a checkpoint restarts at epoch 1, which is exact).
+    in `run_dir` from its `last` checkpoint (one without a checkpoint restarts at epoch 1, which is exact); a
+    cfg.train.epochs other than the run's extends or re-plans it, also a finished run. The run folder is
+    locked while training (RunLock): another process training into it is a one-line FervitError.
     `ctx`: the process group; by default read from the torchrun/srun environment. `on_epoch(row)` runs on
     rank 0 after each epoch and may return a reason to stop early (a sweep's pruner does).
     On SIGTERM/SIGUSR1 the epoch in flight finishes, the checkpoint is written and Preempted is raised.
     """
     t_start = time.time()
     ctx = ctx or init_distributed(cfg.train.device, resolve_device)
+    lock = RunLock()
     try:
         with StopSignals() as signals:
             try:
-                return _train(cfg, quiet, data, run_dir, resume, ctx, on_epoch, signals, t_start)
+                return _train(cfg, quiet, data, run_dir, resume, ctx, on_epoch, signals, lock, t_start)
             except StopNow as e:
                 run_dir = signals.run_dir
                 raise Preempted(f"{e}: stopped at once, mid-epoch; continue from the previous epoch's checkpoint "
                                 f"with `fervit train --resume {run_dir}`" if run_dir else
                                 f"{e}: stopped before training began; run the same command again", run_dir) from None
     finally:
+        lock.release()
         close(ctx)
 
 
 def _train(cfg: RunConfig, quiet: bool, data: FerData | None, run_dir, resume: bool, ctx: DistContext,
-           on_epoch, signals: StopSignals, t_start: float) -> Path:
+           on_epoch, signals: StopSignals, lock: RunLock, t_start: float) -> Path:
     check_request(cfg, ctx, run_dir, resume)
+    lock.acquire(run_dir, ctx)  # an existing folder: refused at once, before the data is read
     log = print if not quiet and ctx.is_main else (lambda *a: None)
     data, splits = load_data(cfg, data, ctx, quiet)
     fingerprint = data_fingerprint(data.labels, splits)
@@ -122,7 +127,9 @@ def _train(cfg: RunConfig, quiet: bool, data: FerData | None, run_dir, resume: b
             validate(saved, cfg, ctx, fingerprint, Path(run_dir))
         else:
             log(f"{run_dir} has no checkpoint yet: starting it from epoch 1, which is where it was")
-    run = set_up(cfg, ctx, data, splits, fingerprint, saved, run_dir, signals, log, quiet)
+    run_dir = open_run_dir(cfg, ctx, run_dir, lock, fresh=saved is None)
+    signals.run_dir = run_dir
+    run = set_up(cfg, ctx, data, splits, fingerprint, saved, run_dir, log, quiet)
     state = TrainState(epochs=cfg.train.epochs)
     if saved is not None:
         state = resume_state(run, saved)
@@ -173,7 +180,8 @@ def check_request(cfg: RunConfig, ctx: DistContext, run_dir, resume: bool) -> No
             raise FervitError(f"cannot resume '{run_dir}': it is not a run folder written by `fervit train` "
                               "(no config.json)")
         if (Path(run_dir) / "results.json").is_file() and not has_checkpoint(run_dir):
-            raise FervitError(f"{run_dir} has already finished (results.json is written); start a new run instead")
+            raise FervitError(f"{run_dir} has already finished (results.json is written) and has no last/ checkpoint "
+                              "to train it further from; start a new run instead")
     if cfg.train.tta == "ten_crop" and not cfg.model.crop_size:  # fail now, not after training
         raise FervitError("train.tta=ten_crop needs a model trained on crops (model.crop_size, e.g. 40); "
                           "use train.tta=mirror for a model that takes the whole face")
@@ -197,16 +205,14 @@ def load_data(cfg: RunConfig, data: FerData | None, ctx: DistContext, quiet: boo
 
 
 def set_up(cfg: RunConfig, ctx: DistContext, data: FerData, splits: Splits, fingerprint: str,
-           saved: ResumeState | None, run_dir, signals: StopSignals, log, quiet: bool) -> Run:
-    """Build the model and the run folder, move the data to the device, build optimiser, schedule and EMA,
-    restore a saved state into them, and compile. The order is fixed: each step may draw random numbers."""
+           saved: ResumeState | None, run_dir: Path, log, quiet: bool) -> Run:
+    """Build the model, move the data to the device, build optimiser, schedule and EMA, restore a saved state
+    into them, and compile. The order is fixed: each step may draw random numbers."""
     device = ctx.device
     model = build_model(cfg.model)
     if cfg.model.pretrained and saved is None:
         load_pretrained(model, cfg.model.pretrained, log)
     n_params = count_parameters(model)
-    run_dir = open_run_dir(cfg, ctx, run_dir, fresh=saved is None)
-    signals.run_dir = run_dir
     log(f"{cfg.model.name}: {n_params:,} parameters | device {device}"
         f"{f' x {ctx.world_size} processes' if ctx.enabled else ''} | protocol {cfg.data.protocol} "
         f"{splits.sizes()} | run {run_dir}")
@@ -239,15 +245,17 @@ def set_up(cfg: RunConfig, ctx: DistContext, data: FerData, splits: Splits, fing
                schedule, steps_per_epoch, val_idx, n_params, log, quiet)
 
 
-def open_run_dir(cfg: RunConfig, ctx: DistContext, run_dir, fresh: bool) -> Path:
-    """The run folder (a new one under train.output unless given), with config.json for a fresh run."""
+def open_run_dir(cfg: RunConfig, ctx: DistContext, run_dir, lock: RunLock, fresh: bool) -> Path:
+    """The run folder (a new one under train.output unless given), locked, with config.json for a fresh run."""
     if ctx.is_main:
         if run_dir is None:
             run_dir = make_run_dir(cfg.train.output, cfg)
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-        if fresh:
-            write_json(Path(run_dir) / "config.json", cfg.to_dict())
-    return Path(broadcast_value(str(run_dir), ctx))
+    run_dir = Path(broadcast_value(str(run_dir), ctx))
+    lock.acquire(run_dir, ctx)  # a no-op when `_train` locked it already
+    if fresh and ctx.is_main:
+        write_json(run_dir / "config.json", cfg.to_dict())
+    return run_dir
 
 
 def resume_state(run: Run, saved: ResumeState) -> TrainState:
@@ -257,7 +265,23 @@ def resume_state(run: Run, saved: ResumeState) -> TrainState:
     if run.ctx.is_main:  # forget an epoch a killed process logged after its last checkpoint
         write_metrics_csv(run.run_dir / "training_metrics.csv", state.rows)
     run.log(f"resuming after epoch {state.epoch}/{state.epochs}")
+    if run.cfg.train.epochs != saved.planned_epochs:
+        extend(run, state)
     return state
+
+
+def extend(run: Run, state: TrainState) -> None:
+    """`--epochs N` on resume: train to N epochs in all. A cosine takes, for the steps left, the values of the
+    cosine planned for N epochs from the start; a plateau schedule just continues. A stop by early stopping or
+    the sweep's pruner is lifted (early stopping still counts the epochs since the best one)."""
+    state.epochs, state.stop_reason = run.cfg.train.epochs, ""
+    run.schedule.replan(run.steps_per_epoch * state.epochs)
+    apply_now(run.parts.scheduler)  # the next step already takes the new plan's lr
+    if run.ctx.is_main:  # so that a plain --resume after a stop continues to N
+        cfg = read_run_config(run.run_dir, "extend")
+        cfg.train.epochs = state.epochs
+        write_json(run.run_dir / "config.json", cfg.to_dict())
+    run.log(f"training to {state.epochs} epochs (lr now {run.parts.optimizer.param_groups[0]['lr']:.2e})")
 
 
 def run_epoch(run: Run, state: TrainState, tb: TensorBoardLog) -> dict:
@@ -313,7 +337,8 @@ def plan_next(run: Run, state: TrainState, row: dict, t_start: float, on_epoch) 
 
 
 def finish(run: Run, state: TrainState, interrupted: bool, t_start: float) -> Path:
-    """Rank 0 evaluates the best model and writes results.json; the `last` checkpoint goes."""
+    """Rank 0 evaluates the best model and writes results.json. The `last` checkpoint stays, so that
+    `--resume --epochs N` can train the run further."""
     if not state.rows:
         raise FervitError(f"training stopped before the first epoch finished; nothing to evaluate in {run.run_dir}")
     if run.ctx.is_main:
@@ -325,7 +350,6 @@ def finish(run: Run, state: TrainState, interrupted: bool, t_start: float) -> Pa
             extra["world_size"] = run.ctx.world_size
         finish_run(run.run_dir, run.cfg, run.data, run.splits, state.rows, run.ctx.device, run.parts.amp_dtype,
                    run.n_params, extra, quiet=run.quiet)
-        remove_last(run.run_dir)
     barrier(run.ctx)
     return run.run_dir
 
