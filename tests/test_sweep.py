@@ -77,6 +77,25 @@ def test_a_pruned_trial_stops_early_and_still_leaves_a_run_folder(layout, tmp_pa
     assert results["epochs_completed"] == 1 and results["stopped"].startswith("pruned")
 
 
+def test_a_retried_trial_whose_run_had_finished_is_recorded_without_training_again(layout, tmp_path, monkeypatch):
+    cfg = base_config(layout)
+    run_sweep(cfg, study_name="retry", trials=1, space=SPACE, output=tmp_path, quiet=True)
+    storage = f"sqlite:///{tmp_path / 'retry' / 'study.db'}"
+    (first,) = optuna.load_study(study_name="retry", storage=storage).trials
+    # a worker killed after training, before the trial was recorded: the retry points at the finished run
+    optuna.load_study(study_name="retry", storage=storage).enqueue_trial(
+        first.params, user_attrs={"run_dir": first.user_attrs["run_dir"]})
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the finished run was trained again")
+
+    monkeypatch.setattr("fervit.training.trainer.train", no_training)
+    run_sweep(cfg, study_name="retry", trials=1, space=SPACE, output=tmp_path, quiet=True)
+    trials = optuna.load_study(study_name="retry", storage=storage).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert trials[1].value == trials[0].value and trials[1].user_attrs["run_dir"] == first.user_attrs["run_dir"]
+
+
 def test_augment_strength_scales_every_augmentation_and_mlp_ratio_sets_the_mlp_width():
     base = load_preset("vit_cnn")
     cfg = apply_params(base, {"augment.strength": 0.5, "model.mlp_ratio": 3, "model.embed_dim": 96})

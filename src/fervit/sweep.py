@@ -187,8 +187,11 @@ def run_sweep(base: RunConfig, *, study_name: str = "fervit", storage: str | Non
     def objective(trial) -> float:
         cfg = apply_params(base, suggest(trial, space, base))
         previous = trial.user_attrs.get("run_dir")  # set when a stopped trial was queued again
-        resume = bool(previous) and has_checkpoint(previous)
-        run_dir = Path(previous) if resume else make_run_dir(folder, cfg)
+        # a finished run keeps its `last` checkpoint (to be extended): a worker killed after training but before
+        # the trial was recorded leaves results.json, which the retry reads instead of training again
+        finished = bool(previous) and (Path(previous) / "results.json").is_file()
+        resume = bool(previous) and not finished and has_checkpoint(previous)
+        run_dir = Path(previous) if resume or finished else make_run_dir(folder, cfg)
         trial.set_user_attr("run_dir", str(run_dir))
 
         def report(row: dict) -> str | None:
@@ -196,7 +199,8 @@ def run_sweep(base: RunConfig, *, study_name: str = "fervit", storage: str | Non
             return f"pruned by the sweep after epoch {row['epoch']}" if trial.should_prune() else None
 
         try:
-            train(cfg, quiet=True, data=data, run_dir=run_dir, resume=resume, ctx=ctx, on_epoch=report)
+            if not finished:
+                train(cfg, quiet=True, data=data, run_dir=run_dir, resume=resume, ctx=ctx, on_epoch=report)
         except Preempted:
             trial.study.enqueue_trial(trial.params, user_attrs={"run_dir": str(run_dir)})
             raise
