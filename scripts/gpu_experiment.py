@@ -170,8 +170,8 @@ def resolve_job(job: dict, pick_from: list[str] | None) -> dict:
     best = max(candidates, key=lambda n: candidates[n][0])  # PublicTest, single model, no TTA
     val_acc, source = candidates[best]
     print(f"{job['name']}: the screens' best on PublicTest is {best} ({val_acc:.4f})", flush=True)
-    return {**job, "preset": source["preset"], "set": list(source.get("set", [])) + list(job.get("set", [])),
-            "picked": best}
+    settings = list(dict.fromkeys([*source.get("set", []), *job.get("set", [])]))  # in order, each once
+    return {**job, "preset": source["preset"], "set": settings, "picked": best}
 
 
 def tta_modes(run_dirs) -> list[str]:
