@@ -6,6 +6,10 @@ PY=${PYTHON:-python3}
 # CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build
 $PY -c "import torch" 2>/dev/null || $PY -m pip install -q torch==2.13.0
 $PY -m pip install -q -e ".[test]"
+# the bench's comparison pipelines (its --quick test covers every row): the torchvision built for torch 2.13 and
+# kornia, without their dependencies, which would replace the CPU torch with a CUDA one; the bench stubs the two
+# torchvision C++ ops that cannot load beside the CPU torch (fervit/benchmark/pipelines.py)
+$PY -c "import kornia, importlib.util as u; assert u.find_spec('torchvision')" 2>/dev/null || $PY -m pip install -q --no-deps torchvision==0.28.0 kornia==0.9.0 kornia_rs
 # system packages for the page test (headless Chromium) and the PostgreSQL sweep test; installed once
 missing=()
 command -v chromium >/dev/null || missing+=(chromium)
