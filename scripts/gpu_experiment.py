@@ -202,7 +202,6 @@ def training_curve(run_dir: Path) -> dict:
 def pack_checkpoints(run_dirs: dict, wanted: list[str], out: Path) -> dict:
     """Each wanted job's best checkpoint as `$OUT/<job>.safetensors` in fp16 (how the model would ship),
     best first, while the files fit what comes back; returns what was packed or why not."""
-    import torch
     from safetensors.torch import load_file, save_file
 
     packed, used = {}, sum(f.stat().st_size for f in out.iterdir()) + 2 * 2**20  # + summary.json, runs.tar.gz

@@ -427,7 +427,8 @@ def _bench_model(name: str, preset: RunConfig, cfg: BenchConfig, device, images,
     amp = resolve_amp("auto", device)
     optimizer = build_optimizer(model, preset, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    example = torch.zeros(bs, preset.model.in_chans, preset.model.img_size, preset.model.img_size, device=device)
+    side = preset.model.crop_size or preset.model.img_size  # what training feeds the model
+    example = torch.zeros(bs, preset.model.in_chans, side, side, device=device)
     train_model = maybe_compile(model, cfg.compile, device, example)  # both pipelines train this same module
 
     # fervit: the trainer's own epoch function on a random subset of train/ that holds k batches

@@ -7,7 +7,6 @@ compared with the tensor shapes in the safetensors header, and only then are the
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
