@@ -40,10 +40,13 @@ def test_every_plan_job_is_a_valid_recipe_whose_model_builds(plan):
         assert set(members) <= {j["name"] for j in data["jobs"]}
 
 
-def test_the_new_plans_report_the_time_to_73_percent_and_ship_sized_models():
+def test_the_new_plans_log_the_time_to_73_percent_and_let_the_time_budget_end_every_screen_job():
     for name in ("screen", "screen2", "seeds", "solo"):
         data = json.loads((SCRIPTS / "plans" / f"{name}.json").read_text())
         assert all("train.log_test=true" in job["set"] for job in data["jobs"])
+    for name in ("screen", "screen2"):  # an epoch cap below what fits the budget would end a fast job early
+        data = json.loads((SCRIPTS / "plans" / f"{name}.json").read_text())
+        assert all("train.epochs=300" in job["set"] for job in data["jobs"])
 
 
 def summary_of(jobs: dict[str, tuple[float, float]], sets: dict[str, list[str]] | None = None) -> dict:
