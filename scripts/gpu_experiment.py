@@ -84,7 +84,7 @@ def main() -> int:
         cmds[job["name"]] = " ".join(jobs[-1].cmd)
     # every job its own process on the one GPU (time-sliced, or under CUDA MPS with --mps)
     results = run_jobs(jobs, parallel=args.parallel or len(jobs), mps=args.mps, progress=sys.stdout)
-    summary = {"plan": plan, "jobs": {}, "ensembles": {}, "wall_s": None}
+    summary = {"plan": plan, "budget_s": budget, "jobs": {}, "ensembles": {}, "wall_s": None}
     run_dirs = {}
     for r in results:
         if not r.ok or not (r.run_dir / "results.json").is_file():

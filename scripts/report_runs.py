@@ -23,8 +23,8 @@ def pct(x) -> str:
 
 
 def recipe(job: dict) -> str:
-    """`--preset P` plus the job's settings, without the ones every job of an experiment carries."""
-    sets = [s for s in job.get("set", []) if not s.startswith(("train.log_test", "train.epochs="))]
+    """`--preset P` plus the job's settings, less train.log_test (it only adds a reported column)."""
+    sets = [s for s in job.get("set", []) if not s.startswith("train.log_test")]
     return " ".join([f"`--preset {job['preset']}`"] + [f"`{s}`" for s in sets])
 
 
@@ -62,7 +62,9 @@ def mean_std(values: list[float]) -> str:
 
 def report(path: Path) -> str:
     summary = json.loads(path.read_text())
-    lines = [f"From `{path}` ({summary.get('wall_s', 0):.0f} s for the whole command):", "",
+    budget = summary.get("budget_s", summary["plan"].get("budget"))  # what the command ran with
+    lines = [f"From `{path}` ({summary.get('wall_s', 0):.0f} s for the whole command). Every job: `fervit train "
+             f"--protocol fer2013{f' --set train.time_budget_s={budget}' if budget else ''}` plus its recipe below.", "",
              "| job | recipe | params | epochs (best) | final train acc | PublicTest | PrivateTest | + mirror TTA | "
              "+ ten-crop TTA | disgusted recall | training time to 73% PrivateTest |",
              "|---|---|---|---|---|---|---|---|---|---|---|", *job_rows(summary)]
