@@ -224,6 +224,46 @@ def test_time_budget_caps_the_epochs_after_the_second(real_slice, tmp_path):
     assert res["epochs_completed"] == 2 and res["epochs_planned"] == 2
 
 
+def budget_run(budget_s: float):
+    """What fit_time_budget reads of a run: its config, process group, schedule (recording re-plans) and log."""
+    from types import SimpleNamespace
+
+    from fervit.training.distributed import DistContext
+
+    replans = []
+    cfg = SimpleNamespace(train=SimpleNamespace(time_budget_s=budget_s))
+    run = SimpleNamespace(cfg=cfg, ctx=DistContext(), steps_per_epoch=10, log=lambda *a: None,
+                          schedule=SimpleNamespace(replan=replans.append))
+    return run, replans
+
+
+def test_the_time_budget_is_rechecked_after_every_epoch_and_a_slowdown_lowers_the_plan_again():
+    import time
+
+    from fervit.training.trainer import TrainState, fit_time_budget
+
+    run, replans = budget_run(100.0)
+    state = TrainState(epochs=10, epoch=3, rows=[{"seconds": s} for s in (10.0, 10.0, 20.0)])
+    fit_time_budget(run, state, t_start=time.time() - 55)  # 45 s left; the last epoch took 20 s: 2 more fit
+    assert state.epochs == 5 and replans == [50]
+    fit_time_budget(run, state, t_start=time.time() - 30)  # faster than planned: the plan is never raised
+    assert state.epochs == 5 and replans == [50]
+    fit_time_budget(run, state, t_start=time.time() - 150)  # already past the budget: stop after this epoch
+    assert state.epochs == 3 and replans == [50, 30]
+
+
+def test_a_run_extended_with_more_epochs_is_not_cut_back_by_its_old_time_budget():
+    import time
+
+    from fervit.training.trainer import TrainState, plan_next
+
+    run, replans = budget_run(10.0)
+    run.cfg.train.early_stop_patience = 0
+    state = TrainState(epochs=20, epoch=12, rows=[{"seconds": 1.0}] * 12, budgeted=False)
+    plan_next(run, state, state.rows[-1], t_start=time.time() - 50, on_epoch=None)
+    assert state.epochs == 20 and replans == []
+
+
 def test_a_checkpoint_moved_out_of_its_run_folder_is_evaluated_on_its_own_split(finished_run, real_data, tmp_path):
     """Without config.json beside it (the shipped model, a copied file), the split comes from the JSON description:
     this run used the fer2013 protocol, so its test split is PrivateTest, not the seed protocol's test/ folder."""

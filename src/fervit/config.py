@@ -119,7 +119,7 @@ class TrainConfig:
     channels_last: bool = False  # conv weights and inputs in NHWC (bf16 convolutions prefer it on GPUs)
     amp: Literal["auto", "bf16", "off"] = "auto"  # auto (bf16 on cuda) | bf16 | off
     early_stop_patience: int = 0  # epochs without a better val accuracy; 0 disables
-    time_budget_s: float = 0.0  # >0: after epoch 2, cap epochs to fit this wall time; the cosine re-plans
+    time_budget_s: float = 0.0  # >0: from epoch 2 on, cap the epochs to fit this wall time; the cosine re-plans
     tta: Literal["none", "mirror", "ten_crop"] = "none"  # final evaluation: mirror (face + mirror) | ten_crop
     #                                                      (corners + centre, mirrored; needs model.crop_size)
     log_test: bool = False  # also score the test split after every epoch (`test_acc` in training_metrics.csv), for

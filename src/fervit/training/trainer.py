@@ -45,7 +45,7 @@ from fervit.training.tensorboard import TensorBoardLog
 class TrainState:
     """Where a run stands between two epochs, apart from tensors: what resume saves and restores whole."""
 
-    epochs: int  # planned; the time budget may lower it after epoch 2
+    epochs: int  # planned; the time budget may lower it from epoch 2 on
     epoch: int = 0  # epochs finished
     rows: list[dict] = field(default_factory=list)  # one metrics row per finished epoch
     best_acc: float = -1.0
@@ -53,6 +53,7 @@ class TrainState:
     stale: int = 0  # epochs since the best one
     stop_reason: str = ""  # set by early stopping or the sweep's pruner
     elapsed_s: float = 0.0  # wall time so far, over every resume
+    budgeted: bool = True  # train.time_budget_s still applies (not after `--resume --epochs N` extended the run)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -273,8 +274,9 @@ def resume_state(run: Run, saved: ResumeState) -> TrainState:
 def extend(run: Run, state: TrainState) -> None:
     """`--epochs N` on resume: train to N epochs in all. A cosine takes, for the steps left, the values of the
     cosine planned for N epochs from the start; a plateau schedule just continues. A stop by early stopping or
-    the sweep's pruner is lifted (early stopping still counts the epochs since the best one)."""
-    state.epochs, state.stop_reason = run.cfg.train.epochs, ""
+    the sweep's pruner is lifted (early stopping still counts the epochs since the best one), and so is the
+    time budget: the run trains the epochs asked for."""
+    state.epochs, state.stop_reason, state.budgeted = run.cfg.train.epochs, "", False
     run.schedule.replan(run.steps_per_epoch * state.epochs)
     apply_now(run.parts.scheduler)  # the next step already takes the new plan's lr
     if run.ctx.is_main:  # so that a plain --resume after a stop continues to N
@@ -320,20 +322,32 @@ def run_epoch(run: Run, state: TrainState, tb: TensorBoardLog) -> dict:
 
 
 def plan_next(run: Run, state: TrainState, row: dict, t_start: float, on_epoch) -> None:
-    """After an epoch: fit the time budget (after epoch 2), early stopping, and the sweep's pruner."""
+    """After an epoch: fit the time budget (from epoch 2 on), early stopping, and the sweep's pruner."""
     cfg = run.cfg
-    if cfg.train.time_budget_s > 0 and state.epoch == 2:
-        # epoch 1 carries compilation; epoch 2 is the steady-state cost; rank 0's clock decides for all
-        fit = int((cfg.train.time_budget_s - (time.time() - t_start)) / max(row["seconds"], 1e-3)) + 2
-        fit = broadcast_value(fit, run.ctx)
-        if fit < state.epochs:
-            state.epochs = max(fit, 2)
-            run.schedule.replan(run.steps_per_epoch * state.epochs)
-            run.log(f"time budget {cfg.train.time_budget_s:.0f}s: training {state.epochs} epochs")
+    if cfg.train.time_budget_s > 0 and state.budgeted and state.epoch >= 2:
+        fit_time_budget(run, state, t_start)
     if cfg.train.early_stop_patience and state.stale >= cfg.train.early_stop_patience:
         state.stop_reason = f"early stop: no better validation accuracy for {state.stale} epochs"
     if on_epoch is not None:
         state.stop_reason = broadcast_value((on_epoch(row) if run.ctx.is_main else None) or state.stop_reason, run.ctx)
+
+
+def fit_time_budget(run: Run, state: TrainState, t_start: float) -> None:
+    """Lower the planned epochs (and re-plan the cosine) when the epochs left would not fit train.time_budget_s.
+
+    Epoch 1 carries compilation, so an epoch costs the mean of those after it, or the last one when that was
+    slower. Checked after every epoch, not only the second: runs sharing a GPU slow down as their neighbours
+    finish compiling (the first H200 commands ran 93-113 s past a budget checked once). It only ever lowers the
+    plan; rank 0's clock decides for all.
+    """
+    later = [r["seconds"] for r in state.rows[1:]] or [state.rows[-1]["seconds"]]
+    per_epoch = max(sum(later) / len(later), later[-1])
+    left = run.cfg.train.time_budget_s - (time.time() - t_start)
+    fit = broadcast_value(state.epoch + max(int(left / max(per_epoch, 1e-3)), 0), run.ctx)
+    if fit < state.epochs:
+        state.epochs = max(fit, state.epoch)
+        run.schedule.replan(run.steps_per_epoch * state.epochs)
+        run.log(f"time budget {run.cfg.train.time_budget_s:.0f}s: training {state.epochs} epochs")
 
 
 def finish(run: Run, state: TrainState, interrupted: bool, t_start: float) -> Path:
