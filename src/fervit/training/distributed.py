@@ -71,6 +71,10 @@ def init_distributed(device_name: str, resolve_device) -> DistContext:
 def close(ctx: DistContext) -> None:
     """Leave the process group if this context joined it."""
     if ctx.owns_group and dist.is_initialized():
+        try:  # tear the group down together: a rank that leaves first can abort gloo's threads in the other
+            dist.barrier()
+        except Exception:  # a broken group (a rank failed): leave it anyway, the original error says why
+            pass
         dist.destroy_process_group()
 
 
