@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -84,3 +85,19 @@ def test_augment_strength_scales_every_amount_and_keeps_probabilities_valid():
     assert none.scale == (1.0, 1.0) and none.hflip == base.hflip  # flips are not an amount
     strong = base.scaled(10.0)
     assert strong.erase_p == 1.0 and strong.scale == (0.05, 1.0)
+
+
+@pytest.mark.parametrize("override, says", [
+    ("optim.ema_decay=1.5", "0 (off) or in (0, 1)"), ("optim.ema_decay=-0.5", "0 (off) or in (0, 1)"),
+    ("optim.momentum=-1", "in [0, 1)"), ("optim.plateau_factor=2", "a drop of the lr"),
+    ("optim.plateau_factor=0", "a drop of the lr"), ("optim.plateau_patience=-3", "at least 1"),
+    ("optim.lr=0", "above 0"), ("train.epochs=0", "at least 1"), ("augment.hflip=1.5", "a probability"),
+])
+def test_a_number_outside_what_its_key_can_mean_is_one_line_when_the_config_is_built(override, says):
+    with pytest.raises(FervitError, match=re.escape(f"config key '{override.split('=')[0]}' must be")) as error:
+        apply_overrides(RunConfig(), [override])
+    assert says in str(error.value)
+    key, value = override.split("=")
+    section, name = key.split(".")
+    with pytest.raises(FervitError, match="must be"):
+        RunConfig.from_dict({section: {name: float(value)}})

@@ -165,13 +165,14 @@ def test_a_crop_model_trains_with_mixup_and_cutmix_and_its_run_is_evaluated_with
     assert results["tta"] == "ten_crop" and results["test"]["num_samples"] == 28
 
 
-def test_ten_crop_for_a_whole_face_model_is_refused_before_training(tiny_layout, tmp_path):
+@pytest.mark.parametrize("crop", [0, 48], ids=["no_crop", "crop_of_the_whole_face"])
+def test_ten_crop_for_a_whole_face_model_is_refused_before_training(tiny_layout, tmp_path, crop):
     from fervit.config import RunConfig, apply_overrides
     from fervit.training.trainer import train
 
     out = tmp_path / "runs"
     cfg = apply_overrides(RunConfig(), [f"data.root={tiny_layout}", "train.tta=ten_crop", "train.device=cpu",
-                                        f"train.output={out}"])
+                                        f"model.crop_size={crop}", f"train.output={out}"])
     with pytest.raises(FervitError, match="model.crop_size"):
         train(cfg, quiet=True)
     assert not out.exists()  # no half-made run folder

@@ -169,6 +169,43 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 LEGACY_VALUES = {"train.tta": {False: "none", True: "mirror", "false": "none", "true": "mirror"}}
 
 
+# the numbers with a meaningful range: (low, high, what it says), each bound inclusive unless its name says so
+RANGES = {
+    "optim.lr": (0.0, None, "above 0", "open_low"),
+    "optim.weight_decay": (0.0, None, "0 or more", ""),
+    "optim.momentum": (0.0, 1.0, "in [0, 1)", "open_high"),
+    "optim.warmup_epochs": (0.0, None, "0 or more", ""),
+    "optim.min_lr_ratio": (0.0, 1.0, "in [0, 1]", ""),
+    "optim.label_smoothing": (0.0, 1.0, "in [0, 1)", "open_high"),
+    "optim.grad_clip": (0.0, None, "0 (off) or more", ""),
+    "optim.ema_decay": (0.0, 1.0, "0 (off) or in (0, 1)", "open_high"),
+    "optim.plateau_factor": (0.0, 1.0, "in (0, 1): a drop of the lr", "open_both"),
+    "optim.plateau_patience": (1, None, "at least 1", ""),
+    "train.epochs": (1, None, "at least 1", ""),
+    "train.batch_size": (1, None, "at least 1", ""),
+    "train.eval_batch_size": (1, None, "at least 1", ""),
+    "train.time_budget_s": (0.0, None, "0 (off) or more", ""),
+    "train.early_stop_patience": (0, None, "0 (off) or more", ""),
+    "augment.hflip": (0.0, 1.0, "a probability in [0, 1]", ""),
+    "augment.erase_p": (0.0, 1.0, "a probability in [0, 1]", ""),
+    "augment.mix_p": (0.0, 1.0, "a probability in [0, 1]", ""),
+    "augment.mixup_alpha": (0.0, None, "0 (off) or more", ""),
+    "augment.cutmix_alpha": (0.0, None, "0 (off) or more", ""),
+    "data.val_fraction": (0.0, 1.0, "in (0, 1)", "open_both"),
+}
+
+
+def _check_range(value, key: str):
+    """A one-line error when a number is outside what its key can mean (see RANGES)."""
+    for suffix, (low, high, says, openness) in RANGES.items():
+        if key == suffix or key.endswith("." + suffix):
+            too_low = low is not None and (value < low or (value == low and openness in ("open_low", "open_both")))
+            too_high = high is not None and (value > high or (value == high and openness in ("open_high", "open_both")))
+            if too_low or too_high:
+                raise FervitError(f"config key '{key}' must be {says}, got {value!r}")
+    return value
+
+
 def _coerce(value, hint, key: str):
     """Turn a JSON value or a command-line string into the field's declared type."""
     origin = typing.get_origin(hint)
@@ -198,9 +235,9 @@ def _coerce(value, hint, key: str):
         if hint is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
-            return int(value)
+            return _check_range(int(value), key)
         if hint is float:
-            return float(value)
+            return _check_range(float(value), key)
         return str(value)
     except (TypeError, ValueError):
         raise FervitError(f"config key '{key}' expects a {hint.__name__}, got {value!r}") from None

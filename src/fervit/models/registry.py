@@ -30,7 +30,8 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     if cfg.name != "timm" and (cfg.backbone or cfg.input_size):
         raise FervitError(f"model.backbone and model.input_size apply to model.name=timm only, not to {cfg.name}")
     if cfg.crop_size and not 0 < cfg.crop_size <= cfg.img_size:
-        raise FervitError(f"model.crop_size must be between 1 and img_size ({cfg.img_size}), got {cfg.crop_size}")
+        raise FervitError(f"model.crop_size must be 0 (no crop) or between 1 and img_size ({cfg.img_size}), "
+                          f"got {cfg.crop_size}")
     if cfg.crop_size and cfg.name == "timm":
         raise FervitError("model.crop_size is not supported for timm backbones; use model.input_size to resize")
     try:
