@@ -15,6 +15,7 @@ import argparse
 import json
 import re
 import statistics
+import sys
 from pathlib import Path
 
 
@@ -96,7 +97,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("summary", nargs="+", type=Path)
     args = ap.parse_args(argv)
-    print("\n\n".join(report(p) for p in args.summary))
+    reports = []
+    for path in args.summary:
+        try:
+            reports.append(report(path))
+        except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:  # ValueError: damaged JSON
+            print(f"report_runs: error: '{path}' is not a readable summary written by scripts/gpu_experiment.py "
+                  f"({type(e).__name__}: {e})", file=sys.stderr)
+            return 2
+    print("\n\n".join(reports))
     return 0
 
 

@@ -55,7 +55,7 @@ def card(run: Path, cfg, results: dict, val: dict, test: dict, rows: list[dict],
         intro = (f"**Read this first.** This is an interim model, trained on a CPU in {minutes:.0f} minutes because no "
                  f"GPU was available to the session that built it ({shape}). It is far below fervit's accuracy "
                  "targets (73.5% single model on PrivateTest; see RESULTS.md) and is shipped so that prediction "
-                 "and serving work out of the box until a GPU-trained `vit_cnn` replaces it.")
+                 "and serving work out of the box until a GPU-trained model replaces it.")
     else:
         intro = f"Trained on a GPU ({device}) in {minutes:.0f} minutes ({shape})."
     if provenance:
@@ -129,7 +129,13 @@ def main(argv=None) -> int:
         if cfg.data.protocol != "fer2013":
             raise FervitError(f"'{args.run}' used the {cfg.data.protocol} protocol; the shipped model is chosen on "
                               "PublicTest and reported on PrivateTest, so train it with --protocol fer2013")
-        results = json.loads(results_path.read_text())
+        try:
+            results = json.loads(results_path.read_text())
+        except (OSError, ValueError) as e:
+            raise FervitError(f"'{results_path}' cannot be read ({e}); evaluate the run again with `fervit evaluate`") \
+                from None
+        if not isinstance(results, dict):
+            raise FervitError(f"'{results_path}' is not a run's results (a JSON object); evaluate the run again")
         model, meta = load_model(args.run)
         args.dest.mkdir(parents=True, exist_ok=True)
         weights = args.dest / "model.safetensors"

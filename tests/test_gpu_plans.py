@@ -105,3 +105,13 @@ def test_the_report_reads_the_first_h200_summary():
     text = load_script("report_runs").report(H200_RUNS / "call1-summary.json")
     assert "| `cnn_deep` |" in text and "**62.4%**" in text
     assert "Best on PublicTest: `cnn_deep` (61.1%)" in text
+
+
+@pytest.mark.parametrize("content", [None, "{not json", "[]", '{"jobs": {}}'], ids=["missing", "damaged", "list", "no_plan"])
+def test_a_summary_that_is_missing_or_damaged_is_one_line(tmp_path, capsys, content):
+    path = tmp_path / "summary.json"
+    if content is not None:
+        path.write_text(content)
+    assert load_script("report_runs").main([str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"report_runs: error: '{path}' is not a readable summary")

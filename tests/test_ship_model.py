@@ -50,3 +50,13 @@ def test_a_seed_protocol_run_is_refused_in_one_line(ship, tiny_layout, tmp_path,
     err = capsys.readouterr().err.strip()
     assert "used the seed protocol" in err and "\n" not in err
     assert not (tmp_path / "assets" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("damage", ["{not json", "[]"], ids=["damaged", "list"])
+def test_a_run_whose_results_are_damaged_is_refused_in_one_line(ship, tiny_layout, tmp_path, capsys, damage):
+    run = tiny_run(tiny_layout, tmp_path, "fer2013")
+    (run / "results.json").write_text(damage)
+    assert ship([str(run), "--dest", str(tmp_path / "assets"), "--data", str(tiny_layout)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ship_model: error:") and "results.json" in err and "\n" not in err
+    assert not (tmp_path / "assets").exists()
