@@ -213,3 +213,35 @@ def test_log_test_adds_a_test_column_and_changes_no_choice(tiny_layout, tmp_path
     assert [r["val_acc"] for r in plain] == [r["val_acc"] for r in logged]
     assert plain_res["best_epoch"] == logged_res["best_epoch"]
     assert plain_res["test"]["accuracy"] == logged_res["test"]["accuracy"]
+
+
+def test_evaluate_with_tta_labels_each_split_and_the_runs_table_says_so(tiny_layout, tmp_path):
+    import json
+
+    from fervit.config import RunConfig, apply_overrides
+    from fervit.evaluation.rerun import evaluate_checkpoint
+    from fervit.runs import collect_runs, format_runs_table
+    from fervit.training.trainer import train
+
+    cfg = apply_overrides(RunConfig(), [
+        "model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.mlp_dim=64", "model.head_hidden=32",
+        "model.stem_channels=8,16", f"data.root={tiny_layout}", "data.protocol=fer2013", "train.epochs=1",
+        "train.batch_size=16", "train.device=cpu", "train.threads=1", f"train.output={tmp_path}"])
+    run = train(cfg, quiet=True)
+    assert "(mirror)" not in format_runs_table(collect_runs(tmp_path))
+    evaluate_checkpoint(str(run), data_root=str(tiny_layout), device="cpu", tta="mirror")
+    results = json.loads((run / "results.json").read_text())
+    assert "tta" not in results and results["test"]["tta"] == "mirror" and results["val"]["tta"] == "none"
+    assert "(mirror)" in format_runs_table(collect_runs(tmp_path))
+
+
+def test_ten_crop_in_an_ensemble_names_the_member_that_takes_whole_faces(tiny_layout, tmp_path):
+    from helpers import save_tiny_checkpoint
+
+    from fervit.evaluation.rerun import evaluate_checkpoint
+
+    cropping = save_tiny_checkpoint(tmp_path / "crop", "vit_cnn", 0, crop_size=40)
+    whole = save_tiny_checkpoint(tmp_path / "whole")
+    with pytest.raises(FervitError, match=f"^{whole}: ten-crop TTA needs a model trained on crops"):
+        evaluate_checkpoint([str(cropping), str(whole)], data_root=str(tiny_layout), device="cpu", tta="ten_crop",
+                            output=str(tmp_path / "ens"))

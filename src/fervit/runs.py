@@ -101,6 +101,8 @@ def collect_runs(root: str | Path) -> list[dict]:
             "protocol": res.get("protocol", "?"),
             "best_val_acc": res.get("best_val_acc"),
             "test_acc": (res.get("test") or {}).get("accuracy"),
+            # `fervit evaluate --tta` rewrites the test section: the table says so beside the number
+            "test_tta": str((res.get("test") or {}).get("tta", res.get("tta", "none"))).lower(),
             "epochs": res.get("epochs_completed"),
             "wall_s": res.get("wall_seconds"),
         })
@@ -117,7 +119,8 @@ def format_runs_table(rows: list[dict]) -> str:
 
     body = [(Path(r["run"]).name, r["model"], "-" if r["params"] is None else f"{r['params'] / 1e6:.2f}M",
              r["protocol"], "-" if r["epochs"] is None else str(r["epochs"]), pct(r["best_val_acc"]),
-             pct(r["test_acc"]), "-" if r["wall_s"] is None else f"{r['wall_s']:.0f}s") for r in rows]
+             pct(r["test_acc"]) + ("" if r.get("test_tta", "none") in ("none", "false") else f" ({r['test_tta']})"),
+             "-" if r["wall_s"] is None else f"{r['wall_s']:.0f}s") for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths)) for b in body]

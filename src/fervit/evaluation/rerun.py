@@ -63,6 +63,10 @@ def evaluate_checkpoint(checkpoint: str | list[str], split: str = "test", data_r
         raise FervitError(str(e)) from None
     dev = resolve_device(device)
     models = [load_model(w, dev) for w in all_weights]
+    for w, (_, m) in zip(all_weights, models):  # name the model that cannot, before any data is read
+        if tta == "ten_crop" and not 0 < m.model.crop_size < m.model.img_size:
+            raise FervitError(f"{w}: ten-crop TTA needs a model trained on crops smaller than the face "
+                              "(model.crop_size); this one takes the whole face: use --tta mirror")
     model, meta = models[0]
     data = load_fer(cfg.data.root, cfg.data.cache_dir or None, strict)
     splits = make_splits(data, cfg.data.protocol, cfg.data.val_fraction, cfg.data.split_seed,
@@ -72,13 +76,10 @@ def evaluate_checkpoint(checkpoint: str | list[str], split: str = "test", data_r
         raise FervitError(f"the {cfg.data.protocol} protocol has no {split} images in '{cfg.data.root}'")
     amp = resolve_amp("auto", dev)
     images, labels, idx_dev = data.images.to(dev), data.labels.to(dev), idx.to(dev)
-    try:
-        if len(models) == 1:
-            res = evaluate(model, images, labels, idx_dev, 1024, amp, tta, (meta.input.mean, meta.input.std))
-        else:
-            res = evaluate_ensemble(models, images, labels, idx_dev, amp, tta)
-    except ValueError as e:  # ten-crop asked of a model that takes the whole face
-        raise FervitError(f"{weights}: {e}") from None
+    if len(models) == 1:
+        res = evaluate(model, images, labels, idx_dev, 1024, amp, tta, (meta.input.mean, meta.input.std))
+    else:
+        res = evaluate_ensemble(models, images, labels, idx_dev, amp, tta)
     figure = "confusion_matrix.png" if split == "test" else "confusion_matrix_val.png"
     report = split_report(res, "test" if split == "test" else "validation", out_dir, figure)
     results_path = out_dir / "results.json"
@@ -95,6 +96,10 @@ def evaluate_checkpoint(checkpoint: str | list[str], split: str = "test", data_r
                     "params": sum(count_parameters(m) for m, _ in models),
                     "protocol": cfg.data.protocol, "data_root": str(cfg.data.root),
                     "split_sizes": splits.sizes(), "classes": meta.classes, "checkpoint": str(weights) if len(models) == 1 else [str(w) for w in all_weights]})
+    for other in ("val", "test"):  # each split says which test-time augmentation its numbers used
+        if isinstance(results.get(other), dict):
+            results[other].setdefault("tta", str(results.get("tta", "none")))
+    results.pop("tta", None)  # training's setting, now in each split
     results[split] = {**report, "tta": tta}
     write_json(results_path, results)
     metrics_csv = run_dir / "training_metrics.csv"

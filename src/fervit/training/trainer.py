@@ -408,8 +408,8 @@ def finish_run(run_dir: Path, cfg: RunConfig, data: FerData, splits: Splits, row
         "device": str(device),
         "torch": torch.__version__,
         **extra,
-        "val": split_report(val, "validation"),
-        "test": split_report(test, "test", run_dir, "confusion_matrix.png"),
+        "val": {**split_report(val, "validation"), "tta": cfg.train.tta},
+        "test": {**split_report(test, "test", run_dir, "confusion_matrix.png"), "tta": cfg.train.tta},
     }
     write_json(run_dir / "results.json", results)
     if not quiet:
