@@ -348,6 +348,9 @@ def test_an_extension_stopped_by_a_signal_continues_to_the_new_total_on_a_plain_
     signal_during_epoch(monkeypatch, epoch=1)  # the first epoch this process trains: epoch 3
     assert main(["train", "--resume", str(finished_run), "--epochs", str(EPOCHS), "--quiet"]) == EXIT_REQUEUE
     assert load_last(finished_run).epoch == 3
+    # unfinished again: `fervit runs` and ship_model must not take the 2-epoch results for this run's
+    assert not (finished_run / "results.json").exists()
+    assert json.loads((finished_run / "results_at_epoch2.json").read_text())["epochs_completed"] == 2
     monkeypatch.undo()
     assert main(["train", "--resume", str(finished_run), "--quiet"]) == 0
     assert json.loads((finished_run / "results.json").read_text())["epochs_completed"] == EPOCHS

@@ -283,6 +283,9 @@ def extend(run: Run, state: TrainState) -> None:
         cfg = read_run_config(run.run_dir, "extend")
         cfg.train.epochs = state.epochs
         write_json(run.run_dir / "config.json", cfg.to_dict())
+        results = run.run_dir / "results.json"
+        if results.is_file():  # the run is unfinished again until the extension ends (kept under another name)
+            results.replace(run.run_dir / f"results_at_epoch{state.epoch}.json")
     run.log(f"training to {state.epochs} epochs (lr now {run.parts.optimizer.param_groups[0]['lr']:.2e})")
 
 
