@@ -95,6 +95,14 @@ def test_export_refuses_a_parity_failure_with_one_clear_error(exported, real_dat
     assert main(["export", str(run), "--output", str(tmp_path / "m.onnx"), "--data", str(real_data)]) == 2
     err = capsys.readouterr().err.strip()
     assert "disagrees with PyTorch" in err and "\n" not in err
+    assert not (tmp_path / "m.onnx").exists()  # an export that failed its check is not left for --backend onnx
+
+
+def test_export_without_data_reads_nothing_and_writes_nothing(exported, tmp_path, capsys):
+    run, _, _ = exported
+    assert main(["export", str(run), "--output", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "none")]) == 2
+    assert "\n" not in capsys.readouterr().err.strip()
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_a_damaged_onnx_file_is_one_clear_error(exported, real_data, tmp_path, capsys):

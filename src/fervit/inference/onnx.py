@@ -157,25 +157,33 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike | None = None,
                       data_root: str | None = None, check_images: int = 512) -> tuple[Path, ParityReport | None]:
-    """Export a run folder / checkpoint to ONNX (default: beside it) and check it on real test faces.
+    """Export a run folder / checkpoint to ONNX (default: beside it) and check it on real test faces (by
+    default those of the data the run was trained on).
 
-    Raises `FervitError` when the check fails; `check_images=0` skips it.
+    Raises `FervitError` when the check fails, and then leaves no .onnx file behind; `check_images=0` skips it.
     """
     from fervit.config import resolve_data_root
     from fervit.models.checkpoint import find_checkpoint, load_model
+    from fervit.runs import read_run_config
 
     weights = find_checkpoint(checkpoint)
     model, meta = load_model(weights, "cpu")
     out = Path(output) if output else weights.with_suffix(".onnx")
     if out.suffix != ".onnx":
         raise FervitError(f"output '{out}' should end in .onnx")
+    images = labels = None
+    if check_images > 0:  # the faces first: a missing data folder must not leave an unchecked export behind
+        run_cfg = read_run_config(weights.parent, "export")
+        trained_on = run_cfg.data.root if run_cfg is not None else ""
+        root = data_root or (trained_on if trained_on and Path(trained_on).is_dir() else "")
+        images, labels = real_test_slice(resolve_data_root(root), check_images)
     out.parent.mkdir(parents=True, exist_ok=True)
     export_onnx(model, meta, out)
-    if check_images <= 0:
+    if images is None:
         return out, None
-    images, labels = real_test_slice(resolve_data_root(data_root or ""), check_images)
     classifier, _ = load_onnx(out)
     report = check_parity(model, classifier, images, labels, meta)
     if not report.ok:
-        raise FervitError(f"the ONNX export '{out}' disagrees with PyTorch: {report.summary()}")
+        out.unlink(missing_ok=True)
+        raise FervitError(f"the ONNX export '{out}' disagrees with PyTorch: {report.summary()}; nothing was kept")
     return out, report
