@@ -276,7 +276,7 @@ def snapshot(folder: Path) -> dict:
     return {p.relative_to(folder): (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*") if p.is_file()}
 
 
-@pytest.mark.parametrize("flag", ["--resume", "--run-dir"])
+@pytest.mark.parametrize("flag", ["--resume", "--run-dir", "--run-dir with another recipe"])
 def test_a_run_folder_another_process_trains_into_is_refused_at_once_and_left_untouched(flag, stopped_run, holder,
                                                                                        layout, monkeypatch, capsys):
     import fervit.training.trainer as trainer
@@ -288,6 +288,8 @@ def test_a_run_folder_another_process_trains_into_is_refused_at_once_and_left_un
     before = snapshot(stopped_run)
     argv = ["train", "--resume", str(stopped_run), "--quiet"] if flag == "--resume" else run_dir_argv(stopped_run,
                                                                                                      layout)
+    if flag.endswith("another recipe"):  # the folder being in use is what to say, not that the recipes differ
+        argv += ["--set", "augment.translate=0.05"]
     assert main(argv) == 2
     assert capsys.readouterr().err == (f"fervit: error: {stopped_run} is in use by another fervit process (PID "
                                        f"{holder.pid} on {socket.gethostname()}) that trains into it; wait for that "

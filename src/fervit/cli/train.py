@@ -63,7 +63,8 @@ def run_train(args) -> int:
     """Exit 0 when the run finished, EXIT_REQUEUE (75) when a signal stopped it after a checkpoint."""
     from pathlib import Path
 
-    from fervit.training.resume import EXIT_REQUEUE, Preempted, check_config, load_run_config
+    from fervit.training.distributed import DistContext
+    from fervit.training.resume import EXIT_REQUEUE, Preempted, RunLock, check_config, load_run_config
     from fervit.training.trainer import train
 
     if args.resume and args.run_dir:
@@ -76,6 +77,10 @@ def run_train(args) -> int:
     run_dir = args.resume or args.run_dir
     resume = bool(args.resume) or (run_dir is not None and (Path(run_dir) / "config.json").is_file())
     if resume:  # fail fast, before any data is read
+        if os.environ.get("RANK", "0") == "0":  # a folder in use says so first, not that its recipe differs
+            probe = RunLock()
+            probe.acquire(run_dir, DistContext())
+            probe.release()
         check_config(load_run_config(run_dir).to_dict(), cfg, Path(run_dir))
     try:
         run = train(cfg, quiet=args.quiet, run_dir=run_dir, resume=resume)
