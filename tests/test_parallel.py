@@ -164,3 +164,13 @@ def test_mps_daemon_is_started_for_the_jobs_with_private_folders_and_stopped_aft
     assert start.startswith("-d |") and stop.startswith(" | quit |") and stop.endswith(pipe)
     assert all(job.log.read_text().strip() == pipe for job in jobs)  # the jobs joined that daemon
     assert not Path(pipe).exists()  # its folders are gone after
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_parallel_below_one_is_one_line_before_anything_runs(tmp_path, capsys, value):
+    from fervit.cli import main
+
+    out = tmp_path / "runs"
+    assert main(["train", "--seeds", "0,1", "--parallel", value, "--output", str(out), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"fervit: error: --parallel must be at least 1, got {value}" and not out.exists()

@@ -159,6 +159,8 @@ def run_train_jobs(args) -> int:
 
     if args.seeds and args.jobs:
         raise FervitError("give either --seeds or --jobs, not both")
+    if args.parallel is not None and args.parallel < 1:  # before anything is written or printed
+        raise FervitError(f"--parallel must be at least 1, got {args.parallel}")
     if args.resume or args.run_dir:
         raise FervitError("--seeds and --jobs make one run folder per job; drop --resume/--run-dir")
     if args.seed is not None and args.seeds:
