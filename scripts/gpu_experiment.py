@@ -178,7 +178,8 @@ def resolve_job(job: dict, pick_from: list[str] | None) -> dict:
 
 def tta_modes(run_dirs) -> list[str]:
     """Mirror TTA for every model, ten-crop too when every model was trained on crops."""
-    crops = [json.loads((Path(d) / "config.json").read_text())["model"].get("crop_size", 0) for d in run_dirs]
+    models = [json.loads((Path(d) / "config.json").read_text())["model"] for d in run_dirs]
+    crops = [0 < m.get("crop_size", 0) < m.get("img_size", 48) for m in models]
     return ["mirror", "ten_crop"] if all(crops) else ["mirror"]
 
 

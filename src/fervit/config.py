@@ -83,6 +83,10 @@ class ModelConfig:
     backbone: str = ""  # timm only: the timm model name, e.g. resnet18, convnext_atto, vit_tiny_patch16_224
     input_size: int = 0  # timm only: faces are resized to this square size inside the model; 0 keeps img_size
 
+    def takes_crops(self) -> bool:
+        """Trained on crops smaller than the face (model.crop_size), so ten-crop TTA applies."""
+        return 0 < self.crop_size < self.img_size
+
 
 @dataclass
 class OptimConfig:

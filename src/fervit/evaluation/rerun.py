@@ -64,7 +64,7 @@ def evaluate_checkpoint(checkpoint: str | list[str], split: str = "test", data_r
     dev = resolve_device(device)
     models = [load_model(w, dev) for w in all_weights]
     for w, (_, m) in zip(all_weights, models):  # name the model that cannot, before any data is read
-        if tta == "ten_crop" and not 0 < m.model.crop_size < m.model.img_size:
+        if tta == "ten_crop" and not m.model.takes_crops():
             raise FervitError(f"{w}: ten-crop TTA needs a model trained on crops smaller than the face "
                               "(model.crop_size); this one takes the whole face: use --tta mirror")
     model, meta = models[0]

@@ -183,7 +183,7 @@ def check_request(cfg: RunConfig, ctx: DistContext, run_dir, resume: bool) -> No
         if (Path(run_dir) / "results.json").is_file() and not has_checkpoint(run_dir):
             raise FervitError(f"{run_dir} has already finished (results.json is written) and has no last/ checkpoint "
                               "to train it further from; start a new run instead")
-    if cfg.train.tta == "ten_crop" and not 0 < cfg.model.crop_size < cfg.model.img_size:  # now, not after training
+    if cfg.train.tta == "ten_crop" and not cfg.model.takes_crops():  # now, not after training
         raise FervitError(f"train.tta=ten_crop needs a model trained on crops smaller than the {cfg.model.img_size}px "
                           "face (model.crop_size, e.g. 40); use train.tta=mirror for a model that takes the whole face")
 
