@@ -50,10 +50,12 @@ def build_ema(model: nn.Module, cfg: RunConfig) -> torch.optim.swa_utils.Average
     return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
-def ema_warmup_decay(n: torch.Tensor, decay: float) -> torch.Tensor:
+def ema_warmup_decay(n, decay: float):
     """The decay at the EMA's n-th update: (1 + n) / (10 + n), capped at `decay`. Early updates follow
-    the live weights closely instead of holding on to the random initial ones for ~1/(1 - decay) steps."""
-    return ((1 + n) / (10 + n)).clamp(max=decay)
+    the live weights closely instead of holding on to the random initial ones for ~1/(1 - decay) steps.
+    `n` is a device tensor (AveragedModel's count: no host sync) or a number (TrainStep's host counter)."""
+    rate = (1 + n) / (10 + n)
+    return rate.clamp(max=decay) if torch.is_tensor(rate) else min(rate, decay)
 
 
 def ema_warmup_update(decay: float):

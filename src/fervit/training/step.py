@@ -36,6 +36,7 @@ from fervit.data.augment import augment_batch, mix_batch
 from fervit.errors import FervitError
 from fervit.device import autocast
 from fervit.models.checkpoint import unwrap
+from fervit.training.epoch import ema_warmup_decay, shard_loss
 
 STEP_MODES = ("eager", "compile", "cuda_graph")
 BASE_BATCH = 128  # the batch size the presets' learning rates were tuned at
@@ -99,8 +100,6 @@ class TrainStep:
                                    label_smoothing=self.cfg.optim.label_smoothing)
             objective = loss
         else:
-            from fervit.training.epoch import shard_loss
-
             loss = shard_loss(logits, target, y_all, self.loss_weights, self.cfg.optim.label_smoothing)
             objective = loss * self.world  # DDP averages gradients over ranks; the shares must add up instead
         correct = (logits.detach().argmax(-1) == y).sum()
@@ -143,8 +142,8 @@ class TrainStep:
         decay warm-up with optim.ema_warmup), with the update count on a host counter instead of the device's
         `n_averaged`, so no step waits on the GPU."""
         ema, decay = self.ema, self.cfg.optim.ema_decay
-        if self.cfg.optim.ema_warmup:  # ema_warmup_decay, on the host counter: (1 + n) / (10 + n), capped
-            decay = min(decay, (1 + self.ema_updates) / (10 + self.ema_updates))
+        if self.cfg.optim.ema_warmup:
+            decay = ema_warmup_decay(self.ema_updates, decay)  # on the host counter
         model = unwrap(self.model)
         own = [*ema.module.parameters(), *ema.module.buffers()]
         src = [t.detach() for t in (*model.parameters(), *model.buffers())]
