@@ -21,7 +21,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from fervit.data.dataset import IMAGE_FORMATS, IMG_SIZE, MAX_PIXELS, to_8bit
+from fervit.data.dataset import IMAGE_FORMATS, IMG_SIZE, MAX_PIXELS, check_pixels, to_8bit
 from fervit.errors import FervitError
 
 FACE_CROP_MAX_SIDE = 128  # images whose longer side is at most this are taken to be face crops already
@@ -81,10 +81,11 @@ def open_image(source: str | Path | bytes | BinaryIO, max_pixels: int = MAX_PIXE
         raise ImageError(f"cannot read ({e.strerror or e})") from None
     except Exception as e:  # Pillow's plugins raise ValueError, SyntaxError, struct.error... on malformed headers
         raise ImageError(f"damaged {_signature(source) or 'image'} header ({e})") from None
-    w, h = im.size
-    if w * h > max_pixels:
+    try:
+        check_pixels(im, max_pixels)  # the training decoder's limit check, before any pixel is decoded
+    except ValueError as e:
         im.close()
-        raise ImageError(f"too large: {w}x{h} pixels is more than the {max_pixels / 1e6:g} MP limit", "too_large")
+        raise ImageError(str(e), "too_large") from None
     try:
         im.load()
         ImageOps.exif_transpose(im, in_place=True)  # in place: a copy of a 25 MP photo is another 75 MB
