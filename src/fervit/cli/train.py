@@ -136,15 +136,10 @@ def read_plan(path: str) -> list[dict]:
 def job_train_args(args, preset: str | None, seed: int | None, extra_set: list[str]) -> list[str]:
     """`fervit train` flags for one job: the shared flags of this command, then the job's own."""
     out = ["--preset", preset] if preset else []
-    for flag in ("data", "cache_dir", "protocol", "epochs", "batch_size", "lr", "device"):
-        value = getattr(args, flag)
-        if value is not None:
-            out += [f"--{flag.replace('_', '-')}", str(value)]
-    if args.strict:
-        out.append("--strict")
     if seed is not None:
         out += ["--seed", str(seed)]
-    for item in [*args.set, *extra_set]:
+    # the shared flags as the overrides `fervit train` makes of them (each job gets its own folder and seed)
+    for item in [*flag_overrides(args, skip=("output", "seed")), *extra_set]:
         out += ["--set", item]
     return out
 
