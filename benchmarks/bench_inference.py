@@ -169,23 +169,6 @@ def main(argv=None) -> int:
     return 0
 
 
-# three PrivateTest faces pasted on a textured 760x400 background, as in tests/test_predict.py
-PHOTO_FACES = [("happy/PrivateTest_10077120.jpg", 60, 90, 144), ("surprised/PrivateTest_10089743.jpg", 300, 60, 176),
-               ("neutral/PrivateTest_10086748.jpg", 560, 120, 128)]
-
-
-def make_photo(root: Path, path: Path) -> Path:
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    photo = Image.fromarray(rng.normal((80, 130, 190), 12, (400, 760, 3)).clip(0, 255).astype(np.uint8))
-    for rel, x, y, s in PHOTO_FACES:
-        photo.paste(Image.open(root / "test" / rel).convert("RGB").resize((s, s), Image.Resampling.BILINEAR), (x, y))
-    photo.save(path, quality=95)
-    return path
-
-
 def user_waits(models: list[str], data: str | None, threads: int, cli_runs: int = 5, api_runs: int = 30) -> int:
     """Median wall time of one face and one photo through `fervit predict` (a new process each) and
     `fervit serve` (in-process app, sequential requests), for each model (default: the shipped one)."""
@@ -193,13 +176,14 @@ def user_waits(models: list[str], data: str | None, threads: int, cli_runs: int 
 
     from fastapi.testclient import TestClient
 
+    from fervit.benchmark.photo import FACES, make_face_photo
     from fervit.config import resolve_data_root
     from fervit.inference.predictor import Predictor, shipped_model
     from fervit.serve.app import create_app
 
     root = Path(resolve_data_root(data or ""))
     tmp = Path(tempfile.mkdtemp(prefix="fervit-waits-"))
-    face, photo = root / "test" / PHOTO_FACES[0][0], make_photo(root, tmp / "three_faces.jpg")
+    face, photo = root / "test" / FACES[0][0], make_face_photo(root, tmp / "three_faces.jpg")
     models = [str(Path(m).resolve()) for m in models] or [str(shipped_model())]
     Predictor.load(models[0])  # untimed: the first load also pays for the imports
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}

@@ -10,33 +10,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fervit.benchmark.photo import FACES, make_face_photo  # noqa: F401  (shared with other tests)
+
 from fervit.cli import main
 from fervit.data.dataset import CLASSES, decode_image
 from fervit.inference.faces import Box, face_crop
 from fervit.inference.predictor import Predictor, default_model
 from helpers import save_tiny_checkpoint
 # FER-2013 test faces that OpenCV's cascade finds when pasted onto a photo; placed at (x, y) with side s
-FACES = [("happy/PrivateTest_10077120.jpg", 60, 90, 144),
-         ("surprised/PrivateTest_10089743.jpg", 300, 60, 176),
-         ("neutral/PrivateTest_10086748.jpg", 560, 120, 128)]
-
-
 def make_checkpoint(run_dir: Path, name: str = "vit_cnn", seed: int = 0) -> Path:
     """A small untrained model saved as a run folder would hold it (weights do not matter for these checks)."""
     save_tiny_checkpoint(run_dir, name, seed, patch_size=8)
     return run_dir
-
-
-def make_face_photo(real_data: Path, path: Path) -> Path:
-    """A 760x400 colour 'photo': three real FER faces, upscaled, on a textured background."""
-    rng = np.random.default_rng(0)
-    background = rng.normal((80, 130, 190), 12, (400, 760, 3)).clip(0, 255).astype(np.uint8)
-    photo = Image.fromarray(background)
-    for rel, x, y, s in FACES:
-        face = Image.open(real_data / "test" / rel).convert("RGB").resize((s, s), Image.Resampling.BILINEAR)
-        photo.paste(face, (x, y))
-    photo.save(path, quality=95)
-    return path
 
 
 def iou(a: list[int], b: tuple[int, int, int, int]) -> float:
