@@ -120,8 +120,9 @@ class TrainConfig:
     step_mode: Literal["auto", "eager", "compile", "cuda_graph"] = "auto"  # auto: the model compiled as
     #   train.compile says, the step eager; compile / cuda_graph: forward+loss compiled as one graph (cuda_graph:
     #   replayed as CUDA graphs, CUDA only), see fervit.training.step; eager: nothing compiled
-    channels_last: bool = False  # conv weights and inputs in NHWC (bf16 convolutions prefer it on GPUs)
-    amp: Literal["auto", "bf16", "off"] = "auto"  # auto (bf16 on cuda) | bf16 | off
+    channels_last: Literal["auto", "on", "off"] = "auto"  # conv weights and inputs in NHWC; auto: on a CPU for models
+    #                                                       with convolutions (fervit.device.channels_last_choice)
+    amp: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 on cuda and on CPUs with native bf16 | bf16 | off
     early_stop_patience: int = 0  # epochs without a better val accuracy; 0 disables
     time_budget_s: float = 0.0  # >0: from epoch 2 on, cap the epochs to fit this wall time; the cosine re-plans
     tta: Literal["none", "mirror", "ten_crop"] = "none"  # final evaluation: mirror (face + mirror) | ten_crop
@@ -129,7 +130,8 @@ class TrainConfig:
     log_test: bool = False  # also score the test split after every epoch (`test_acc` in training_metrics.csv), for
     #                         time-to-accuracy curves only: the epoch is still chosen on validation, nothing on test
     output: str = "runs"
-    threads: int = 0  # CPU threads for torch; 0: torch's default
+    threads: int = 0  # CPU threads for torch; 0: torch's default (one per core). Beside other busy work use fewer:
+    #                   a thread that waits for a busy core stalls every step (docs/cpu-training.md)
 
 
 @dataclass
@@ -170,7 +172,8 @@ def from_dict(cls, d: dict, prefix: str = ""):
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 # values older config files hold for a key that has since become a choice of names
-LEGACY_VALUES = {"train.tta": {False: "none", True: "mirror", "false": "none", "true": "mirror"}}
+LEGACY_VALUES = {"train.tta": {False: "none", True: "mirror", "false": "none", "true": "mirror"},
+                 "train.channels_last": {False: "off", True: "on", "false": "off", "true": "on"}}
 
 
 # the numbers with a meaningful range: (low, high, what it says), each bound inclusive unless its name says so

@@ -22,10 +22,26 @@ class Attention(nn.Module):
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, T, head_dim)
-        # fused kernel (flash / memory-efficient when available); scale is 1/sqrt(head_dim)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_dropout if self.training else 0.0)
+        dropout = self.attn_dropout if self.training else 0.0
+        if x.device.type == "cpu":
+            x = attention_math(q, k, v, dropout)
+        else:  # fused kernel (flash / memory-efficient when available); scale is 1/sqrt(head_dim)
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
         x = x.transpose(1, 2).reshape(B, T, C)
         return self.proj_drop(self.proj(x))
+
+
+def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v as two batched matmuls: what SDPA's math backend computes.
+
+    On a CPU the fused flash kernel is tiled for long sequences; at fervit's 26-145 tokens its backward is
+    about 5x slower than these matmuls (BENCHMARKS.md, "Where the CPU step goes").
+    """
+    attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    attn = attn.softmax(dim=-1)
+    if dropout > 0:
+        attn = F.dropout(attn, dropout)
+    return attn @ v
 
 
 class Mlp(nn.Module):

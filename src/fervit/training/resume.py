@@ -55,7 +55,7 @@ STOP_SIGNALS = ("SIGTERM", "SIGUSR1")  # Slurm: preemption, and `--signal=USR1@<
 # config keys that say where, how fast or how long to run, not what to compute: a resumed run may change them
 # (train.epochs extends or re-plans the run: the trainer's `extend`)
 FREE_KEYS = frozenset({"data.root", "data.cache_dir", "data.strict", "train.output", "train.threads",
-                       "train.device", "train.compile", "train.eval_batch_size", "train.epochs"})
+                       "train.channels_last", "train.device", "train.compile", "train.eval_batch_size", "train.epochs"})
 # the keys (and JSON types) a checkpoint's manifest, state file and progress must hold: a hand edit is checked
 MANIFEST_FIELDS = {"format": str, "epoch": int, "files": dict, "sha256": dict}
 STATE_FIELDS = {"config": dict, "world_size": int, "device_type": str, "data_fingerprint": str, "optimizer": dict,

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from fervit.config import RunConfig, resolve_data_root
 from fervit.data.dataset import CLASSES, FerData, load_fer
 from fervit.data.splits import Splits, make_splits
-from fervit.device import resolve_amp, resolve_device  # noqa: F401  (resolve_device: the trainer's device rule)
+from fervit.device import amp_choice, channels_last_choice, resolve_device
 from fervit.errors import FervitError
 from fervit.evaluation.evaluate import evaluate, split_report
 from fervit.evaluation.metrics import confusion_matrix
@@ -82,6 +82,7 @@ class Run:
     n_params: int
     log: Callable
     quiet: bool
+    runtime: dict = field(default_factory=dict)  # precision, memory layout and threads chosen, and why
 
 
 def train(cfg: RunConfig, quiet: bool = False, data: FerData | None = None, *, run_dir: str | Path | None = None,
@@ -228,6 +229,16 @@ def set_up(cfg: RunConfig, ctx: DistContext, data: FerData, splits: Splits, fing
     train_labels = labels[train_idx]
     weights = class_weights(train_labels, cfg.model.num_classes)
     ema = build_ema(model, cfg)
+    amp_dtype, amp_why = amp_choice(cfg.train.amp, device)
+    channels_last, layout_why = channels_last_choice(cfg.train.channels_last, model, device)
+    if channels_last and ema is not None:
+        ema.module.to(memory_format=torch.channels_last)  # the live model is converted by its TrainStep
+    runtime = {"amp": "bf16" if amp_dtype else "off", "amp_why": amp_why,
+               "channels_last": channels_last, "channels_last_why": layout_why,
+               "threads": torch.get_num_threads() if device.type == "cpu" else None}
+    log(f"precision {'bf16 autocast' if amp_dtype else 'fp32'} ({amp_why}) | channels_last "
+        f"{'on' if channels_last else 'off'} ({layout_why})"
+        + (f" | {runtime['threads']} CPU threads (train.threads)" if device.type == "cpu" else ""))
     if saved is not None:
         restore(saved, model=model, ema=ema, optimizer=optimizer, scheduler=scheduler, run_dir=run_dir, ctx=ctx)
     side = cfg.model.crop_size or cfg.model.img_size  # what training feeds the model
@@ -236,14 +247,14 @@ def set_up(cfg: RunConfig, ctx: DistContext, data: FerData, splits: Splits, fing
     if cfg.train.step_mode == "auto":  # the whole model compiled (train.compile), the step around it eager
         train_model = maybe_compile(train_model, cfg.train.compile, device, example)
     parts = EpochParts(cfg, train_model, optimizer, scheduler, images, labels, train_idx, gen, ema,
-                       resolve_amp(cfg.train.amp, device),
+                       amp_dtype,
                        loss_weights=weights if cfg.optim.class_weights == "balanced" else None,
                        sample_weights=weights[train_labels] if cfg.optim.sampler == "balanced" else None,
                        ctx=ctx if ctx.enabled else None,
                        step_mode="eager" if cfg.train.step_mode == "auto" else cfg.train.step_mode,
-                       channels_last=cfg.train.channels_last)
+                       channels_last=channels_last)
     return Run(cfg, ctx, run_dir, data, splits, fingerprint, model, ema.module if ema is not None else model, parts,
-               schedule, steps_per_epoch, val_idx, n_params, log, quiet)
+               schedule, steps_per_epoch, val_idx, n_params, log, quiet, runtime)
 
 
 def open_run_dir(cfg: RunConfig, ctx: DistContext, run_dir, lock: RunLock, fresh: bool) -> Path:
@@ -360,7 +371,7 @@ def finish(run: Run, state: TrainState, interrupted: bool, t_start: float) -> Pa
         raise FervitError(f"training stopped before the first epoch finished; nothing to evaluate in {run.run_dir}")
     if run.ctx.is_main:
         extra = {"best_epoch": state.best_epoch, "interrupted": interrupted, "epochs_planned": state.epochs,
-                 "wall_seconds": time.time() - t_start}
+                 "wall_seconds": time.time() - t_start, "runtime": run.runtime}
         if state.stop_reason:
             extra["stopped"] = state.stop_reason
         if run.ctx.enabled:
