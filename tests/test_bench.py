@@ -26,7 +26,7 @@ MODEL_KEYS = {"params", "batch_size", "compiled", "forward_gflops_per_image", "t
               "usual", "usual_few", "train_ratio", "train_ratio_few", "eval_ratio", "breakdown"}
 TOP_KEYS = {"command", "date_utc", "machine", "settings", "dataset", "data_path", "data_path_ratio",
             "data_path_ratio_few", "kornia_ratio", "bf16_peak_tflops", "peak_mem_kind", "models", "step_model",
-            "step_modes", "fused_attention", "concurrency", "table"}
+            "step_modes", "fused_attention", "concurrency", "table", "cpu_peak", "threads_under_load"}
 PHASES = {"data_augment", "forward", "backward", "optimizer"}
 
 
@@ -104,15 +104,35 @@ def test_step_mode_rows_cover_every_mode_batch_size_and_channels_last(quick_benc
     d, _ = quick_bench
     rows = d["step_modes"]
     plain = {(r["mode"], r["batch_size"]) for r in rows if not r["channels_last"]}
-    assert plain == {("eager", 4), ("eager", 8), ("eager", 16), ("compile", 4), ("cuda_graph", 4), ("cuda_graph", 8),
-                     ("cuda_graph", 16)}
-    assert {r["mode"] for r in rows if r["channels_last"]} == {"eager", "compile", "cuda_graph"}
+    # a CPU has no CUDA graphs: no cuda_graph rows there (they would time the eager step again)
+    assert plain == {("eager", 4), ("eager", 8), ("eager", 16), ("compile", 4)}
+    assert {r["mode"] for r in rows if r["channels_last"]} == {"eager", "compile"}
     for r in rows:
-        assert positive(r["train_images_s"]) and positive(r["tflops"])
+        assert positive(r["train_images_s"]) and positive(r["tflops"]) and r["setup_s"] >= 0
         assert r["lr"] == pytest.approx(1e-3 * math.sqrt(r["batch_size"] / 4))  # the tiny preset's lr at batch 4
-    # a CPU has no CUDA graphs: those rows say they ran eagerly, and why
-    assert all(r["mode_used"] == "eager" and "CUDA" in r["note"] for r in rows if r["mode"] == "cuda_graph")
     assert d["fused_attention"]["fused"] is False
+
+
+def test_a_cpu_bench_measures_its_own_peak_and_the_share_of_it_each_model_reaches(quick_bench):
+    d, _ = quick_bench
+    peak = d["cpu_peak"]
+    for key in ("gemm_fp32", "gemm_bf16", "conv_fp32_nchw", "conv_fp32_nhwc", "conv_bf16_nchw", "conv_bf16_nhwc"):
+        assert positive(peak[key]), key
+    assert peak["peak_gflops"] == max(peak["conv_bf16_nchw"], peak["conv_bf16_nhwc"])
+    assert d["bf16_peak_tflops"] == pytest.approx(peak["peak_gflops"] / 1000)
+    fervit = d["models"]["tiny"]["fervit"]
+    assert fervit["peak_fraction"] == pytest.approx(fervit["tflops"] / d["bf16_peak_tflops"])
+    assert positive(fervit["latency_fp32_ms"]) and positive(fervit["eval_fp32_images_s"])
+    assert "CPU peak, measured" in d["table"]
+
+
+def test_a_cpu_bench_times_training_threads_idle_and_beside_a_busy_process(quick_bench):
+    d, _ = quick_bench
+    rows = d["threads_under_load"]
+    assert {(r["threads"], r["busy_processes"]) for r in rows} == {(t, b) for t in {1, max(d["machine"]["cpu_count"], 2)}
+                                                                    for b in (0, 1)}
+    assert all(positive(r["train_images_s"]) for r in rows)
+    assert "training threads beside other work" in d["table"]
 
 
 def test_concurrency_rows_give_the_aggregate_throughput_of_models_trained_at_once(quick_bench):

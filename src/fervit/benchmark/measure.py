@@ -97,6 +97,29 @@ def bf16_peak_tflops(device: torch.device) -> float | None:
     return next((peak for key, peak in BF16_PEAK_TFLOPS if key in name), None)
 
 
+def cpu_peak_gflops(quick: bool = False, repeats: int = 3) -> dict:
+    """This CPU's own throughput, measured: a square GEMM and a 3x3 convolution (64->64 channels at 24x24,
+    a mid-stem layer of fervit's CPU models, forward), in fp32 and bf16 and, for the convolution, NCHW and
+    NHWC (channels_last). GFLOP/s, best of `repeats`; `peak_gflops` is the bf16 convolution's best, the
+    figure the CPU models' training throughput is a share of."""
+    n, batch = (256, 8) if quick else (2048, 128)
+    out = {"gemm_size": n, "conv": f"3x3 64->64, 24x24, batch {batch}"}
+    for dtype, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        torch.mm(a, b)
+        out[f"gemm_{tag}"] = 2 * n**3 / best_seconds(lambda: torch.mm(a, b), repeats, torch.device("cpu")) / 1e9
+        conv = nn.Conv2d(64, 64, 3, padding=1, bias=False).to(dtype)
+        for layout, fmt in (("nchw", torch.contiguous_format), ("nhwc", torch.channels_last)):
+            conv = conv.to(memory_format=fmt)
+            x = torch.randn(batch, 64, 24, 24, dtype=dtype).contiguous(memory_format=fmt)
+            with torch.no_grad():
+                conv(x)
+                seconds = best_seconds(lambda: conv(x), repeats, torch.device("cpu"))
+            out[f"conv_{tag}_{layout}"] = 2 * batch * 24 * 24 * 64 * 64 * 9 / seconds / 1e9
+    out["peak_gflops"] = max(out["conv_bf16_nchw"], out["conv_bf16_nhwc"])
+    return out
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:

@@ -33,18 +33,17 @@ import torch
 import torch.nn.functional as F
 
 from fervit import __version__
-from fervit.benchmark.measure import (best_seconds, bf16_peak_tflops, flops_per_image, machine_info, median_ms,
-                                      peak_memory_kind, peak_memory_mib, reset_peak_memory, sync)
+from fervit.benchmark.measure import (best_seconds, bf16_peak_tflops, cpu_peak_gflops, flops_per_image, machine_info,
+                                      median_ms, peak_memory_kind, peak_memory_mib, reset_peak_memory, sync)
 from fervit.benchmark.pipelines import (ImageFiles, kornia_augment, torchvision_transforms, torchvision_version,
                                         usual_eval_transform, usual_loader, usual_train_transform)
 from fervit.config import AugmentConfig, RunConfig, load_preset
 from fervit.data.augment import augment_batch, normalize
 from fervit.data.dataset import LAYOUT_HINT, load_fer
 from fervit.errors import FervitError
-from fervit.device import autocast
+from fervit.device import autocast, channels_last_choice, resolve_amp
 from fervit.evaluation.evaluate import evaluate
 from fervit.models import build_model, count_parameters
-from fervit.device import resolve_amp
 from fervit.training.epoch import EpochParts, build_optimizer, maybe_compile, optimizer_step, train_one_epoch
 from fervit.training.step import STEP_MODES, TrainStep, fused_attention_backend, scaled_lr
 
@@ -88,9 +87,9 @@ def bench_config(device: torch.device, quick: bool = False, **overrides) -> Benc
                           compile_backend="inductor" if device.type == "cuda" else "aot_eager")
     elif device.type == "cuda":
         cfg = BenchConfig()
-    else:  # a CPU trains a few images per second: time a few steps and extrapolate the epoch
-        cfg = BenchConfig(data_images=8192, train_steps=2, eval_images=256, warmup_steps=1, repeats=2,
-                          latency_runs=20, concurrency=(1, 2))
+    else:  # a CPU: 20 timed steps per figure, extrapolated to the epoch; the CPU preset first
+        cfg = BenchConfig(models=("cpu", "vit_cnn", "hybrid"), data_images=8192, train_steps=20, eval_images=1024,
+                          warmup_steps=2, repeats=1, latency_runs=50, concurrency=(1, 2), few_workers=0)
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     for name in ("batch_size", "eval_batch_size", "repeats", "latency_runs"):
         if getattr(cfg, name) < 1:
@@ -143,7 +142,8 @@ def run_benchmark(root: str | Path, cfg: BenchConfig, device: torch.device, cach
     `on_partial(result)` gets the result so far after each section (the CLI writes it to --json), so that a
     run stopped by a time limit still leaves what it measured.
     """
-    stages = Stages(2 + 6 * len(cfg.models) + 1 + (1 if cfg.concurrency else 0), progress)
+    stages = Stages(2 + 6 * len(cfg.models) + 1 + (1 if cfg.concurrency else 0) + (2 if device.type == "cpu" else 0),
+                    progress)
     if not Path(root).exists():
         raise FervitError(f"data root '{root}' does not exist; {LAYOUT_HINT}")
     step_model = cfg.step_model or cfg.models[0]
@@ -202,6 +202,11 @@ def run_benchmark(root: str | Path, cfg: BenchConfig, device: torch.device, cach
     machine = machine_info(device)
     machine.update({"torchvision": torchvision_version(), "kornia": _kornia_version(), "fervit": __version__})
     peak = bf16_peak_tflops(device)
+    cpu_peak = None
+    if device.type == "cpu":  # no data sheet to read: the machine's own bf16 convolution rate is the peak
+        stages.next("CPU peak: GEMM and 3x3 convolution, fp32 and bf16, NCHW and NHWC")
+        cpu_peak = cpu_peak_gflops(quick=cfg.quick)
+        peak = cpu_peak["peak_gflops"] / 1000
     result = {
         "command": command,
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -217,6 +222,7 @@ def run_benchmark(root: str | Path, cfg: BenchConfig, device: torch.device, cach
         "data_path_ratio_few": data_path["fervit"]["images_s"] / data_path["usual_few"]["images_s"],
         "kornia_ratio": data_path["fervit"]["images_s"] / data_path["kornia"]["images_s"],
         "bf16_peak_tflops": peak,
+        "cpu_peak": cpu_peak,
         "peak_mem_kind": peak_memory_kind(device),
         "models": {},
         "concurrency": concurrency,  # measured first (see above); TFLOP/s added once the FLOPs are counted
@@ -255,6 +261,18 @@ def run_benchmark(root: str | Path, cfg: BenchConfig, device: torch.device, cach
         if "images_s" in row:
             _add_tflops(row, gflops, peak, key="images_s")
     partial()
+
+    if device.type == "cpu":  # how many threads to train with when other work shares the machine
+        from fervit.benchmark.threads import threads_under_load
+
+        counts = tuple(sorted({1, max(_cpu_count(), 2)}))
+        steps = 2 if cfg.quick else 10
+        stages.next(f"{step_model}: training threads {', '.join(map(str, counts))}, idle and beside one busy "
+                    f"process ({steps} steps of {step_preset.train.batch_size} each)")
+        threads_preset = copy.deepcopy(step_preset)
+        threads_preset.train.batch_size = cfg.batch_size
+        result["threads_under_load"] = threads_under_load(threads_preset, images, labels, steps, counts)
+        partial()
     return result
 
 
@@ -321,16 +339,18 @@ def _step_rows(preset: RunConfig, cfg: BenchConfig, device, images, labels, trai
     eager and cuda_graph run at every batch size; compile (cuda_graph without the graphs) only at the base
     batch, each compilation costing a minute of a GPU session.
     """
-    plan = [(mode, b, False) for mode in cfg.step_modes
-            for b in (cfg.step_batches if mode != "compile" else cfg.step_batches[:1])]
-    plan += [(mode, cfg.step_batches[0], True) for mode in cfg.step_modes]
+    modes = [m for m in cfg.step_modes if device.type == "cuda" or m != "cuda_graph"]  # CUDA graphs: CUDA only
+    plan = [(mode, b, False) for mode in modes for b in (cfg.step_batches if mode != "compile" else cfg.step_batches[:1])]
+    plan += [(mode, cfg.step_batches[0], True) for mode in modes]
     compiling = cfg.compile != "off"
     rows = []
     for mode, b, channels_last in plan:
         if mode != "eager" and not compiling:
             continue
         lr = scaled_lr(preset.optim.lr, b, base_batch=cfg.batch_size)  # the preset's lr holds at the bench's batch
+        t_setup = time.perf_counter()
         step, note = _new_step(preset, device, b, mode, channels_last, cfg.compile_backend, lr)
+        setup_s = time.perf_counter() - t_setup  # compilation (and its trial step) for compile / cuda_graph
         steps = max(min(cfg.train_steps or len(train_dev) // b, len(train_dev) // b), 1)
 
         def run(k: int) -> None:
@@ -341,7 +361,7 @@ def _step_rows(preset: RunConfig, cfg: BenchConfig, device, images, labels, trai
         run(max(cfg.warmup_steps, 1))
         images_s = b * steps / best_seconds(lambda: run(steps), cfg.repeats, device)
         row = {"mode": mode, "mode_used": step.mode_used, "batch_size": b, "channels_last": channels_last, "lr": lr,
-               "steps": steps, "train_images_s": images_s, "epoch_s": FER2013_EPOCH / images_s}
+               "steps": steps, "train_images_s": images_s, "epoch_s": FER2013_EPOCH / images_s, "setup_s": setup_s}
         if note:
             row["note"] = note
         _add_tflops(row, gflops, peak)
@@ -425,17 +445,18 @@ def _bench_model(name: str, preset: RunConfig, cfg: BenchConfig, device, images,
     fwd_flops, train_flops = flops_per_image(copy.deepcopy(model), preset.model.in_chans, preset.model.img_size)
     model.to(device)
     amp = resolve_amp("auto", device)
+    channels_last = channels_last_choice(preset.train.channels_last, model, device)[0]
     optimizer = build_optimizer(model, preset, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     side = preset.model.crop_size or preset.model.img_size  # what training feeds the model
     example = torch.zeros(bs, preset.model.in_chans, side, side, device=device)
-    train_model = maybe_compile(model, cfg.compile, device, example)  # both pipelines train this same module
+    train_model = maybe_compile(model, cfg.compile, device, example)  # on CUDA both pipelines train this module
 
     # fervit: the trainer's own epoch function on a random subset of train/ that holds k batches
     def fervit_steps(k: int) -> None:
         subset = train_dev[torch.randperm(len(train_dev), generator=gen, device=device)[:k * bs]]
         train_one_epoch(EpochParts(preset, train_model, optimizer, scheduler, images, labels, subset, gen,
-                                   amp_dtype=amp))
+                                   amp_dtype=amp, channels_last=channels_last))
 
     reset_peak_memory(device)
     if warmup:
@@ -444,8 +465,20 @@ def _bench_model(name: str, preset: RunConfig, cfg: BenchConfig, device, images,
 
     stages.next(f"{name}: training, usual pipeline ({what}, {workers} workers)")
     train_files.transform = usual_train_transform(preset.augment)
+    # the usual script on a CPU: fp32 and NCHW, its own model (fervit's step made this one channels_last);
+    # on CUDA it keeps the same module and autocast, as the GPU plans measured it
+    usual_amp, usual_model, usual_train = amp, model, train_model
+    usual_optimizer, usual_scheduler = optimizer, scheduler
+    if device.type == "cpu":
+        usual_amp, usual_model = None, build_model(preset.model).to(device)
+        usual_train = usual_model
+        usual_optimizer = torch.optim.AdamW(usual_model.parameters(), lr=preset.optim.lr)  # a user's default AdamW
+        usual_scheduler = torch.optim.lr_scheduler.LambdaLR(usual_optimizer, lambda step: 1.0)
     usual_rows = {}
     for key, n_workers in (("usual", workers), ("usual_few", few)):
+        if key == "usual_few" and n_workers == workers:  # the same measurement again: keep the first one
+            usual_rows[key] = dict(usual_rows["usual"])
+            continue
         if key == "usual_few":
             stages.next(f"{name}: training, usual pipeline ({what}, {n_workers} workers)")
         reset_peak_memory(device)
@@ -453,12 +486,12 @@ def _bench_model(name: str, preset: RunConfig, cfg: BenchConfig, device, images,
             running = {"loss": 0.0, "correct": 0}
 
             def usual_steps(k: int) -> None:
-                train_model.train()
+                usual_train.train()
                 for x, y in usual.batches(k):
-                    with autocast(device, amp):
-                        logits = train_model(x)
+                    with autocast(device, usual_amp):
+                        logits = usual_train(x)
                     loss = F.cross_entropy(logits.float(), y, label_smoothing=preset.optim.label_smoothing)
-                    optimizer_step(loss, model, optimizer, scheduler, preset.optim.grad_clip)
+                    optimizer_step(loss, usual_model, usual_optimizer, usual_scheduler, preset.optim.grad_clip)
                     # the usual loop keeps its running metrics as Python numbers: a host sync every step
                     running["loss"] += loss.item() * len(y)
                     running["correct"] += int((logits.argmax(-1) == y).sum().item())
@@ -483,11 +516,11 @@ def _bench_model(name: str, preset: RunConfig, cfg: BenchConfig, device, images,
 
         @torch.no_grad()
         def usual_eval() -> None:
-            model.eval()
+            usual_model.eval()
             correct = 0
             for x, y in usual.epoch():
-                with autocast(device, amp):
-                    correct += int((model(x).argmax(-1) == y).sum().item())
+                with autocast(device, usual_amp):
+                    correct += int((usual_model(x).argmax(-1) == y).sum().item())
 
         usual.take(1)
         usual_row["eval_images_s"] = n_eval / best_seconds(usual_eval, cfg.repeats, device)
@@ -507,11 +540,21 @@ def _bench_model(name: str, preset: RunConfig, cfg: BenchConfig, device, images,
     @torch.inference_mode()
     def usual_one(i: int) -> None:
         x = eval_tf(test_files.load(i % len(test_files))).unsqueeze(0).to(device)
-        with autocast(device, amp):
-            model(x)
+        usual_model.eval()
+        with autocast(device, usual_amp):
+            usual_model(x)
 
     fervit["latency_ms"] = median_ms(fervit_one, cfg.latency_runs, device)
     usual_row["latency_ms"] = median_ms(usual_one, cfg.latency_runs, device)
+    if device.type == "cpu":  # what inference should use at batch 1 on this CPU: bf16 autocast or plain fp32
+        @torch.inference_mode()
+        def fp32_one(i: int) -> None:
+            j = test_list[i % len(test_list)]
+            model(normalize(images[j:j + 1]))
+
+        fervit["latency_fp32_ms"] = median_ms(fp32_one, cfg.latency_runs, device)
+        fervit["eval_fp32_images_s"] = n_eval / best_seconds(
+            lambda: evaluate(model, images, labels, eval_idx, cfg.eval_batch_size, None), cfg.repeats, device)
     row = {
         "params": count_parameters(model),
         "batch_size": bs,
@@ -527,7 +570,7 @@ def _bench_model(name: str, preset: RunConfig, cfg: BenchConfig, device, images,
     }
     # where a step's time goes: the step of the model trained above (compiled or not), phase by phase
     stages.next(f"{name}: step breakdown ({'compiled' if row['compiled'] else 'eager'} model, {steps} steps of {bs})")
-    step = TrainStep(train_model, optimizer, scheduler, preset, amp_dtype=amp)
+    step = TrainStep(train_model, optimizer, scheduler, preset, amp_dtype=amp, channels_last=channels_last)
     step(images[train_dev[:bs]], labels[train_dev[:bs]], gen)  # warm-up
     row["breakdown"] = step_breakdown(step, images, labels, train_dev, gen, min(steps, BREAKDOWN_STEPS), device)
     row["breakdown"]["model_compiled"] = row["compiled"]
@@ -627,16 +670,43 @@ def format_table(result: dict) -> str:
     lines.append("")
     peak = result["bf16_peak_tflops"]
     for name, row in result["models"].items():
-        achieved = (f"; fervit trains at {row['fervit']['tflops']:.1f} TFLOP/s, "
-                    f"{row['fervit']['peak_fraction']:.1%} of the {peak:.0f} TFLOP/s bf16 peak" if peak else "")
+        if result.get("cpu_peak"):  # a CPU's rates read better in GFLOP/s
+            achieved = (f"; fervit trains at {row['fervit']['tflops'] * 1000:.0f} GFLOP/s, "
+                        f"{row['fervit']['peak_fraction']:.1%} of the measured {peak * 1000:.0f} GFLOP/s bf16 conv peak")
+        else:
+            achieved = (f"; fervit trains at {row['fervit']['tflops']:.1f} TFLOP/s, "
+                        f"{row['fervit']['peak_fraction']:.1%} of the {peak:.0f} TFLOP/s bf16 peak" if peak else "")
         lines.append(f"{name}: {row['params'] / 1e6:.2f}M parameters, {row['forward_gflops_per_image']:.3f} GFLOP "
                      f"forward / {row['train_gflops_per_image']:.3f} GFLOP train per image, "
                      f"{'compiled' if row['compiled'] else 'eager'}{achieved}")
-    if not peak:
+    cpu = result.get("cpu_peak")
+    if cpu:
+        lines.append(f"CPU peak, measured (GFLOP/s): GEMM {cpu['gemm_size']}^2 fp32 {cpu['gemm_fp32']:.0f}, bf16 "
+                     f"{cpu['gemm_bf16']:.0f}; conv {cpu['conv']}: fp32 NCHW {cpu['conv_fp32_nchw']:.0f}, fp32 NHWC "
+                     f"{cpu['conv_fp32_nhwc']:.0f}, bf16 NCHW {cpu['conv_bf16_nchw']:.0f}, bf16 NHWC "
+                     f"{cpu['conv_bf16_nhwc']:.0f}; peak = the bf16 convolution's {cpu['peak_gflops']:.0f}")
+        for name, row in result["models"].items():
+            f = row["fervit"]
+            if "latency_fp32_ms" in f:
+                lines.append(f"{name}: inference without autocast (fp32): eval {f['eval_fp32_images_s']:,.0f} img/s, "
+                             f"batch-1 latency {f['latency_fp32_ms']:.2f} ms (bf16 autocast: {f['eval_images_s']:,.0f}"
+                             f" img/s, {f['latency_ms']:.2f} ms)")
+    elif not peak:
         lines.append("bf16 peak: not known for this device")
     lines.append(f"peak memory: {result['peak_mem_kind']}")
-    lines += _breakdown_lines(result) + _step_mode_lines(result) + _concurrency_lines(result)
+    lines += _breakdown_lines(result) + _step_mode_lines(result) + _concurrency_lines(result) + _thread_lines(result)
     return "\n".join(lines)
+
+
+def _thread_lines(result: dict) -> list[str]:
+    rows = result.get("threads_under_load", [])
+    if not rows:
+        return []
+    lines = ["", f"training threads beside other work ({result.get('step_model')}, batch {rows[0]['batch_size']}, "
+                 f"{rows[0]['steps']} timed steps; busy = one process spinning on one core)",
+             f"{'threads':>7} {'busy':>5} {'train img/s':>11}"]
+    lines += [f"{r['threads']:>7} {r['busy_processes']:>5} {r['train_images_s']:>11,.1f}" for r in rows]
+    return lines
 
 
 def _pct(fraction) -> str:
@@ -666,12 +736,12 @@ def _step_mode_lines(result: dict) -> list[str]:
     lines = ["", f"step modes of {result.get('step_model')} (lr scaled by fervit.training.step.scaled_lr: sqrt "
                  f"of batch/{result['settings']['batch_size']} for AdamW)",
              f"{'mode':<11} {'ran as':<11} {'batch':>5} {'NHWC':>5} {'lr':>9} {'train img/s':>11} {'epoch s':>8} "
-             f"{'TFLOP/s':>8} {'of peak':>7}"]
+             f"{'TFLOP/s':>8} {'of peak':>7} {'set-up s':>8}"]
     for r in rows:
         nhwc = "yes" if r["channels_last"] else ""
         lines.append(f"{r['mode']:<11} {r['mode_used']:<11} {r['batch_size']:>5} {nhwc:>5} "
                      f"{r['lr']:>9.2e} {r['train_images_s']:>11,.1f} {r['epoch_s']:>8,.2f} {r['tflops']:>8.3f} "
-                     f"{_pct(r['peak_fraction']):>7}")
+                     f"{_pct(r['peak_fraction']):>7} {r.get('setup_s', 0.0):>8.1f}")
     if attention:
         lines.append(f"fused attention: {attention['backend'] or 'none'} ({attention['detail']})")
     return lines

@@ -99,8 +99,19 @@ def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     return x[..., top:top + size, left:left + size]
 
 
+def is_meta(module: nn.Module) -> bool:
+    """Whether the module's own parameters live on the `meta` device (shapes without storage)."""
+    return any(p.is_meta for p in module.parameters(recurse=False))
+
+
 def init_weights(module: nn.Module) -> None:
-    """The one init for every fervit model: truncated normal for linear layers, Kaiming for convs."""
+    """The one init for every fervit model: truncated normal for linear layers, Kaiming for convs.
+
+    Nothing to draw on the `meta` device (the model-file check builds there for shapes only): torch's meta
+    `normal_` goes through torch._refs, whose first call imports torch._dynamo, about 1 s of every `predict`.
+    """
+    if is_meta(module):
+        return
     if isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:

@@ -37,7 +37,7 @@ def check_model(cfg: ModelConfig, classes: list[str], input_size: int, source: P
     bad = next((k for k, v in sizes.items() if v < (0 if k == "depth" else 1)), None)
     if bad:
         raise FervitError(f"'{source}': model.{bad} must be at least {0 if bad == 'depth' else 1}, got {sizes[bad]}")
-    if cfg.name in ("vit_cnn", "vit_resnet") and (not cfg.stem_channels or min(cfg.stem_channels) < 1):
+    if cfg.name in ("vit_cnn", "vit_resnet", "vit_vgg") and (not cfg.stem_channels or min(cfg.stem_channels) < 1):
         raise FervitError(f"'{source}': model.stem_channels must list at least one positive channel count, "
                           f"got {list(cfg.stem_channels)}")
     if len(classes) != cfg.num_classes:

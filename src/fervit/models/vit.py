@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from fervit.config import ModelConfig
-from fervit.models.layers import Block, center_crop, init_weights
+from fervit.models.layers import Block, center_crop, init_weights, is_meta
 from fervit.models.registry import register_model
 
 
@@ -36,8 +36,9 @@ class Encoder(nn.Module):
                                       nn.Linear(cfg.head_hidden, cfg.num_classes))
         else:
             self.head = nn.Linear(dim, cfg.num_classes)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if not is_meta(self):  # see init_weights
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
 
     def no_weight_decay(self) -> set[str]:
         """Learned tokens and positions: decaying them towards zero only blurs the sequence."""
