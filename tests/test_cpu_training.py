@@ -148,3 +148,20 @@ def test_the_inference_path_never_imports_torch_dynamo():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_train_without_a_preset_picks_the_cpu_hybrid_on_a_cpu_and_says_so(monkeypatch, capsys):
+    from fervit.cli import build_parser
+    from fervit.cli.train import config_from_args
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = config_from_args(build_parser().parse_args(["train"]))
+    assert cfg.model.name == "vit_vgg" and cfg.model.depth > 0  # the `cpu` preset: the hybrid, not its stem
+    assert "no --preset, so cpu" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert config_from_args(build_parser().parse_args(["train"])).model.name == "vit_cnn"
+
+
+def test_the_fast_cpu_preset_fits_its_twenty_minutes_by_a_time_budget():
+    cfg = load_preset("cpu_fast")
+    assert 0 < cfg.train.time_budget_s <= 20 * 60 and cfg.data.protocol == "fer2013"
