@@ -174,3 +174,25 @@ def test_evaluate_calibrate_of_an_ensemble_or_the_shipped_model_is_one_clear_err
     assert main(["evaluate", str(a), "--calibrate"]) == 2
     err = capsys.readouterr().err.strip()
     assert "shipped model is part of the installed package" in err and "\n" not in err
+
+
+def test_serve_returns_calibrated_probabilities_and_reports_the_temperature(real_data, tmp_path):
+    pytest.importorskip("fastapi", reason="the server needs the serve extra")
+    pytest.importorskip("httpx", reason="FastAPI's TestClient needs httpx")
+    from fastapi.testclient import TestClient
+
+    from fervit.serve.app import create_app
+
+    weights = save_tiny_checkpoint(tmp_path / "run", seed=3)
+    face = sorted((real_data / "test" / "angry").glob("*.jpg"))[0]
+    [raw] = Predictor.load(weights).predict_images([("f", Image.open(face))])
+    set_temperature(weights, 4.0)
+    with TestClient(create_app(Predictor.load(weights))) as client:
+        health = client.get("/health").json()
+        [served] = client.post("/predict", files={"file": ("f.jpg", face.read_bytes(), "image/jpeg")}).json()["faces"]
+    assert health["temperature"] == 4.0
+    assert served["emotion"] == raw.faces[0].emotion
+    assert served["probabilities"][served["emotion"]] < raw.faces[0].probabilities[served["emotion"]]
+    la = np.log(list(raw.faces[0].probabilities.values()))
+    lb = np.log(list(served["probabilities"].values()))
+    np.testing.assert_allclose(lb - lb.mean(), (la - la.mean()) / 4.0, atol=1e-3)
