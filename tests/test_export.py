@@ -125,3 +125,33 @@ def test_an_onnx_file_from_elsewhere_is_one_clear_error(tmp_path, real_data, cap
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), foreign)
     assert main(["predict", str(real_data / "test" / FACES[0][0]), "--model", str(foreign)]) == 2
     assert "was not written by `fervit export`" in capsys.readouterr().err
+
+
+def test_calibrating_keeps_the_onnx_export_in_step_and_both_backends_return_calibrated_probabilities(
+        exported, real_data, tmp_path, capsys):
+    from fervit.evaluation.calibration import calibrate_run
+    from test_calibration import overconfident
+
+    run, _, _ = exported
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)  # the module's run stays uncalibrated for the other tests
+    _, sharp, labels = overconfident(n=500)
+    section = calibrate_run(copy, copy / "best_model.safetensors", {"logits": sharp, "labels": labels},
+                            {"logits": sharp, "labels": labels})
+    assert section["temperature"] > 2
+    _, meta = load_onnx(copy / "best_model.onnx")
+    assert meta.temperature == section["temperature"]  # the export's metadata was rewritten, its graph not
+    model, _ = load_model(copy)
+    images, labels = real_test_slice(real_data, 64)
+    assert check_parity(model, load_onnx(copy / "best_model.onnx")[0], images, labels, meta).ok  # raw logits agree
+    face = real_data / "test" / FACES[0][0]
+    outputs = {}
+    for backend, where in (("torch", copy), ("onnx", copy), ("plain", run)):
+        assert main(["predict", "--json", str(face), "--model", str(where),
+                     "--backend", "torch" if backend == "plain" else backend]) == 0
+        outputs[backend] = json.loads(capsys.readouterr().out)[0]["faces"][0]
+    assert outputs["onnx"]["emotion"] == outputs["torch"]["emotion"] == outputs["plain"]["emotion"]
+    for name, p in outputs["torch"]["probabilities"].items():
+        assert outputs["onnx"]["probabilities"][name] == pytest.approx(p, abs=PROB_ATOL)
+    top = outputs["plain"]["emotion"]
+    assert outputs["torch"]["probabilities"][top] < outputs["plain"]["probabilities"][top]  # T > 1 softens

@@ -51,6 +51,7 @@ def test_health_names_the_model_and_classes(client):
     assert r.status_code == 200
     body = r.json()
     assert body["status"] == "ok" and body["backend"] == "torch" and body["classes"] == list(CLASSES)
+    assert body["temperature"] == 1.0  # a model file without calibration
 
 
 def test_the_page_and_the_openapi_docs_are_served(client):

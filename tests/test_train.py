@@ -21,7 +21,7 @@ from fervit.models.checkpoint import load_model
 from fervit.training.trainer import train
 
 ARTIFACTS = ("config.json", "best_model.safetensors", "best_model.json", "training_metrics.csv", "loss_curve.png",
-             "accuracy_curve.png", "confusion_matrix.png", "results.json")
+             "accuracy_curve.png", "confusion_matrix.png", "reliability_diagram.png", "results.json")
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_a_run_folder_holds_every_artifact(finished_run):
     assert name.split("_")[2:] == ["vit", "cnn", "ed32", "d1", "h2", "lr0.001"]
     for artifact in ARTIFACTS:
         assert (finished_run / artifact).stat().st_size > 0, artifact
-    for png in ("loss_curve.png", "accuracy_curve.png", "confusion_matrix.png"):
+    for png in ("loss_curve.png", "accuracy_curve.png", "confusion_matrix.png", "reliability_diagram.png"):
         with Image.open(finished_run / png) as im:
             assert im.format == "PNG" and im.width > 300
     assert not list(finished_run.glob(".*.tmp"))  # atomic writes leave no temporaries

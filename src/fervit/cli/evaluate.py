@@ -21,6 +21,10 @@ def add_parser(sub) -> None:
                         "the four corner and centre crops and their mirrors (models trained with model.crop_size)")
     p.add_argument("--output", help="where to write results (default: the run folder; for the shipped model "
                    "runs/shipped_model)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="fit the temperature that calibrates the probabilities on the validation split (PublicTest "
+                        "under fer2013), write it into the model file, and report the ECE before and after with a "
+                        "reliability diagram (for runs trained before fervit did this itself)")
     p.set_defaults(func=run_evaluate)
 
     p = sub.add_parser("runs", help="table of all runs under a folder")
@@ -38,9 +42,13 @@ def run_evaluate(args) -> int:
         if Path(checkpoints[0]) == shipped_model():
             output = output or "runs/shipped_model"  # never into the installed package
         print(f"evaluating {checkpoints[0]}")
+    if args.calibrate and shipped_model() is not None and \
+            Path(checkpoints[0]).expanduser().resolve() == shipped_model().resolve():
+        raise FervitError("--calibrate writes into the model file, and the shipped model is part of the installed "
+                          "package; give a run folder (or a copy of the shipped model)")
     print(evaluate_checkpoint(checkpoints, split=args.split, data_root=args.data, protocol=args.protocol,
                               device=args.device, tta=args.tta, cache_dir=args.cache_dir, strict=args.strict,
-                              output=output))
+                              output=output, calibrate=args.calibrate))
     return 0
 
 

@@ -9,10 +9,12 @@ from pathlib import Path
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("predict", help="detect faces in photos and classify their emotion",
-                       description="Classify every face in image files, folders (recursively) or stdin (-). "
+    p = sub.add_parser("predict", help="detect faces in photos and videos and classify their emotion",
+                       description="Classify every face in image files, folders (recursively) or stdin (-), in "
+                                   "video files (a folder of results per video), or live from --webcam. "
                                    "Exit status 1 when some inputs could not be read.")
-    p.add_argument("inputs", nargs="+", metavar="IMAGE", help="image file, folder, or - for stdin")
+    p.add_argument("inputs", nargs="*", metavar="INPUT",
+                   help="image file, folder of images, - for stdin, or video file (.mp4, .avi, .mov, .mkv, ...)")
     p.add_argument("--model", help="run folder, .safetensors or .onnx (default: the shipped model, else the "
                                    "newest run under ./runs)")
     p.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto",
@@ -31,6 +33,15 @@ def add_parser(sub) -> None:
                    help="test-time augmentation: --tta (mirror) averages each face and its mirror; --tta ten_crop "
                         "the four corner and centre crops and their mirrors (models trained with model.crop_size)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    vid = p.add_argument_group("videos and webcam", "each video gets a new folder NAME_emotions/ with NAME.json, "
+                               "NAME.csv (per frame: time, face track id, box, probabilities), NAME_annotated.mp4 "
+                               "and NAME_timeline.png")
+    vid.add_argument("--webcam", nargs="?", type=int, const=0, metavar="INDEX",
+                     help="classify the camera's frames live (camera 0 unless INDEX) until Ctrl-C or --max-frames")
+    vid.add_argument("--every", type=int, default=1, metavar="N", help="classify 1 frame in N (default: 1, every frame)")
+    vid.add_argument("--max-frames", type=int, metavar="N", help="stop after N classified frames (default: no limit)")
+    vid.add_argument("--out", metavar="DIR", help="where each video's folder is made (default: the current folder); "
+                     "an existing folder is never reused: NAME_emotions_2/, ... follow")
     p.set_defaults(func=run_predict)
 
 
@@ -41,6 +52,16 @@ def run_predict(args) -> int:
 
     if args.batch_size < 1:
         raise FervitError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if not args.inputs and args.webcam is None:
+        raise FervitError("nothing to predict: give image or video files, a folder, - for stdin, or --webcam")
+    from fervit.inference.video import is_video
+
+    if args.webcam is not None or any(is_video(i) for i in args.inputs):
+        from fervit.cli.video import run_video
+
+        return run_video(args)
+    if args.every != 1 or args.max_frames is not None or args.out:
+        raise FervitError("--every, --max-frames and --out are for videos and --webcam; photos take --annotate DIR")
     predictor = Predictor.load(args.model, args.backend, args.device, tta=args.tta)
     sources = expand_inputs(args.inputs)
     if not sources:

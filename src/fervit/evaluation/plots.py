@@ -54,3 +54,28 @@ def confusion_matrix_png(cm, class_names, path: str | os.PathLike, title: str = 
                     color="white" if norm[i, j] > 0.5 else "black")
     ax.set_title(title or "confusion matrix (row-normalised)")
     _save(fig, path)
+
+
+def reliability_png(diagrams: dict, temperature: float, path: str | os.PathLike) -> None:
+    """One panel per split: each confidence bin's accuracy before and after temperature scaling, against
+    the diagonal a calibrated model follows. `diagrams`: split -> (before, after) from `reliability`."""
+    fig, axes = plt.subplots(1, len(diagrams), figsize=(5 * len(diagrams), 4.6), squeeze=False)
+    for ax, (name, (before, after)) in zip(axes[0], diagrams.items()):
+        bins = len(before["count"])
+        width = 1.0 / bins
+        centres = [(k + 0.5) * width for k in range(bins)]
+        for d, label, colour, shift in ((before, "before", "#e6194b", -0.25), (after, f"after (T={temperature:.2f})",
+                                                                            "#4363d8", 0.25)):
+            # empty bins draw nothing rather than a misleading zero-accuracy bar
+            xs = [c + shift * width for c, n in zip(centres, d["count"]) if n]
+            ys = [a for a, n in zip(d["accuracy"], d["count"]) if n]
+            ax.bar(xs, ys, width=width / 2, color=colour, alpha=0.8, label=f"{label}: ECE {d['ece']:.3f}")
+        ax.plot([0, 1], [0, 1], color="black", linestyle="--", linewidth=1, label="calibrated")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence (top label)")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{name}: {sum(before['count'])} faces, {bins} bins")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left", fontsize=8)
+    _save(fig, path)

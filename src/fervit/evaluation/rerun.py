@@ -12,6 +12,7 @@ from fervit.data.augment import tta_mode
 from fervit.data.dataset import load_fer
 from fervit.data.splits import make_splits
 from fervit.errors import FervitError
+from fervit.evaluation.calibration import calibrate_run, calibration_summary
 from fervit.evaluation.evaluate import evaluate, predict_logits, split_report
 from fervit.evaluation.plots import curves_png
 from fervit.io import write_json
@@ -33,11 +34,14 @@ def split_config_from_meta(weights: Path) -> RunConfig:
 
 def evaluate_checkpoint(checkpoint: str | list[str], split: str = "test", data_root: str | None = None,
                         protocol: str | None = None, device: str = "auto", tta: bool | str = "none",
-                        cache_dir: str | None = None, strict: bool = False, output: str | None = None) -> str:
+                        cache_dir: str | None = None, strict: bool = False, output: str | None = None,
+                        calibrate: bool = False) -> str:
     """Evaluate and write results.json (the split's section) plus its confusion matrix; returns a summary.
 
     Several checkpoints make an ensemble: their softmax probabilities are averaged. The data protocol
-    comes from the first checkpoint's run folder.
+    comes from the first checkpoint's run folder. `calibrate`: also fit the temperature on the validation
+    split, write it into the model file (and an ONNX export beside it), and add the calibration section
+    and reliability diagram (fervit.evaluation.calibration).
     """
     checkpoints = [checkpoint] if isinstance(checkpoint, str) else list(checkpoint)
     all_weights = [find_checkpoint(c) for c in checkpoints]
@@ -53,6 +57,11 @@ def evaluate_checkpoint(checkpoint: str | list[str], split: str = "test", data_r
     cfg.data.root = resolve_data_root(cfg.data.root)
     if len(all_weights) > 1 and not output:
         raise FervitError("an ensemble of several checkpoints needs --output DIR for its results")
+    if calibrate and len(all_weights) > 1:
+        raise FervitError("--calibrate fits one model's temperature; give a single checkpoint")
+    if calibrate and not os.access(weights.with_suffix(".json"), os.W_OK):
+        raise FervitError(f"--calibrate writes the temperature into '{weights.with_suffix('.json')}', which cannot "
+                          "be written; copy the run folder somewhere writable")
     out_dir = Path(output) if output else run_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     if not os.access(out_dir, os.W_OK):
@@ -80,6 +89,16 @@ def evaluate_checkpoint(checkpoint: str | list[str], split: str = "test", data_r
         res = evaluate(model, images, labels, idx_dev, 1024, amp, tta, (meta.input.mean, meta.input.std))
     else:
         res = evaluate_ensemble(models, images, labels, idx_dev, amp, tta)
+    calibration = None
+    if calibrate:
+        if len(splits.val) == 0:
+            raise FervitError(f"the {cfg.data.protocol} protocol has no validation images in '{cfg.data.root}' "
+                              "to fit the temperature on")
+        second = "val" if split == "test" else "test"  # calibration measures both splits
+        second_idx = (splits.val if second == "val" else splits.test).to(dev)
+        both = {split: res, second: evaluate(model, images, labels, second_idx, 1024, amp, tta,
+                                             (meta.input.mean, meta.input.std))}
+        calibration = calibrate_run(out_dir, weights, both["val"], both["test"])
     figure = "confusion_matrix.png" if split == "test" else "confusion_matrix_val.png"
     report = split_report(res, "test" if split == "test" else "validation", out_dir, figure)
     results_path = out_dir / "results.json"
@@ -101,6 +120,8 @@ def evaluate_checkpoint(checkpoint: str | list[str], split: str = "test", data_r
             results[other].setdefault("tta", str(results.get("tta", "none")))
     results.pop("tta", None)  # training's setting, now in each split
     results[split] = {**report, "tta": tta}
+    if calibration is not None:
+        results["calibration"] = {**calibration, "tta": tta}
     write_json(results_path, results)
     metrics_csv = run_dir / "training_metrics.csv"
     if metrics_csv.is_file():
@@ -113,8 +134,10 @@ def evaluate_checkpoint(checkpoint: str | list[str], split: str = "test", data_r
             curves_png(rows, "loss", out_dir / "loss_curve.png", "cross-entropy loss")
             curves_png(rows, "acc", out_dir / "accuracy_curve.png", "accuracy")
     what = meta.model.name if len(models) == 1 else f"ensemble of {len(models)}"
+    calibrated = "" if calibration is None else (f"\n{calibration_summary(calibration)}, written into "
+                                                 f"{weights.with_suffix('.json')}")
     return (f"{what}{'' if tta == 'none' else f' +{tta}'} on {cfg.data.protocol}/{split} ({len(idx)} images): accuracy "
-            f"{report['accuracy']:.4f}, macro F1 {report['macro_avg']['f1']:.4f} -> {results_path}")
+            f"{report['accuracy']:.4f}, macro F1 {report['macro_avg']['f1']:.4f} -> {results_path}{calibrated}")
 
 
 def evaluate_ensemble(models, images, labels, indices, amp_dtype, tta: bool | str) -> dict:

@@ -19,17 +19,18 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def draw_faces(image: Image.Image, faces) -> Image.Image:
-    """An RGB copy of `image` with each face's box and "emotion p%" label."""
+def draw_faces(image: Image.Image, faces, prefixes: list[str] | None = None) -> Image.Image:
+    """An RGB copy of `image` with each face's box and "emotion p%" label (after its prefix, e.g. a video's
+    track id "#2", when given)."""
     out = image.convert("RGB")
     draw = ImageDraw.Draw(out)
     line = max(2, round(min(out.size) / 200))
     font = _font(max(11, round(min(out.size) / 30)))
-    for face in faces:
+    for i, face in enumerate(faces):
         x, y, w, h = face.box.as_list()
         colour = COLOURS.get(face.emotion, "#ffffff")
         draw.rectangle((x, y, x + w - 1, y + h - 1), outline=colour, width=line)
-        label = f"{face.emotion} {face.probabilities[face.emotion]:.0%}"
+        label = f"{prefixes[i] + ' ' if prefixes else ''}{face.emotion} {face.probabilities[face.emotion]:.0%}"
         left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
         ty = y - (bottom - top) - 2 * line if y - (bottom - top) - 2 * line >= 0 else y + h  # above the box if room
         draw.rectangle((x, ty, x + right - left + 2 * line, ty + bottom - top + 2 * line), fill=colour)

@@ -57,6 +57,19 @@ def export_onnx(model: torch.nn.Module, meta: ModelFile, path: str | os.PathLike
     return path
 
 
+def write_description(path: str | os.PathLike, meta: ModelFile) -> None:
+    """Replace the description in an export's metadata (after `evaluate --calibrate` changed its temperature);
+    the graph is untouched: it outputs raw logits and the predictor divides them by T."""
+    onnx = _require("onnx")
+    try:
+        proto = onnx.load(str(path))
+    except Exception as e:  # onnx raises DecodeError and others for a damaged file
+        raise FervitError(f"cannot read the ONNX export '{path}' ({str(e).splitlines()[0][:200]})") from None
+    onnx.helper.set_model_props(proto, {META_KEY: json.dumps(meta.to_dict())})
+    with atomic_write(Path(path), "wb") as f:
+        f.write(proto.SerializeToString())
+
+
 class OnnxClassifier:
     """ONNX Runtime on the CPU: normalised faces (B, 1, 48, 48) float32 -> logits (B, C) numpy."""
 

@@ -158,6 +158,11 @@ class Predictor:
         self.margin, self.max_pixels = margin, max_pixels
         self._detector = detector
 
+    @property
+    def temperature(self) -> float:
+        """The model file's calibration temperature (1: uncalibrated), read from the description each call."""
+        return self.meta.temperature
+
     @classmethod
     def load(cls, model: str | os.PathLike | None = None, backend: str = "auto", device: str = "cpu",
              **kwargs) -> Predictor:
@@ -176,7 +181,7 @@ class Predictor:
         return self._detector
 
     def classify(self, faces: np.ndarray) -> np.ndarray:
-        """(N, 48, 48) uint8 faces -> (N, C) probabilities, in one forward pass."""
+        """(N, 48, 48) uint8 faces -> (N, C) calibrated probabilities, in one forward pass."""
         if len(faces) == 0:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
         x = normalize(torch.from_numpy(np.ascontiguousarray(faces)), self.meta.input.mean, self.meta.input.std)
@@ -184,6 +189,9 @@ class Predictor:
         logp = logits - logits.max(axis=1, keepdims=True)
         logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
         logp = logp.reshape(-1, len(faces), logp.shape[1]).mean(axis=0)  # TTA: mean log-probability of the views
+        # calibrated: softmax(logits / T) (log-probabilities differ from the logits by a per-face constant, so
+        # this is the same thing); T > 0 never changes which class wins
+        logp /= self.temperature
         p = np.exp(logp - logp.max(axis=1, keepdims=True))
         return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
 

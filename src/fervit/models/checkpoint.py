@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,6 +81,9 @@ class ModelFile:
     source_run: str = ""  # the run folder a shipped model came from
     dtype: str = ""  # the weights' float type when not float32
     metrics: dict = field(default_factory=dict)  # numbers measured on the file as shipped
+    # calibration: probabilities are softmax(logits / temperature), fitted on the validation split
+    # (fervit.evaluation.calibration); files written before it have none, which means 1
+    temperature: float = 1.0
     format: str = FORMAT
 
     def to_dict(self) -> dict:
@@ -95,6 +99,8 @@ class ModelFile:
         for key in ("source_run", "dtype", "metrics"):
             if getattr(self, key):
                 d[key] = getattr(self, key)
+        if self.temperature != 1.0:
+            d["temperature"] = self.temperature
         return d
 
     @classmethod
@@ -112,7 +118,8 @@ class ModelFile:
             meta = cls(model=from_dict(ModelConfig, d["model"], "model."), classes=list(d["classes"]),
                        input=InputSpec(**d["input"]), split=SplitSpec(**split) if split is not None else None,
                        epoch=d.get("epoch"), val_acc=d.get("val_acc"), source_run=d.get("source_run", ""),
-                       dtype=d.get("dtype", ""), metrics=dict(d.get("metrics") or {}))
+                       dtype=d.get("dtype", ""), metrics=dict(d.get("metrics") or {}),
+                       temperature=_temperature(d.get("temperature", 1.0)))
         except (TypeError, ValueError, FervitError) as e:
             raise FervitError(f"'{source}' is a damaged model description ({e}); re-export the checkpoint") from None
         check_model(meta.model, meta.classes, meta.input.size, source)
@@ -135,6 +142,13 @@ class ModelFile:
 
     def write(self, weights: Path) -> None:
         write_json(weights.with_suffix(".json"), self.to_dict())
+
+
+def _temperature(value) -> float:
+    """A stored temperature: a positive finite number (T <= 0 would flip or break every probability)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"temperature must be a positive number, got {value!r}")
+    return float(value)
 
 
 def describe(model_cfg: ModelConfig, data: DataConfig | None = None, **provenance) -> ModelFile:

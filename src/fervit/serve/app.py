@@ -76,7 +76,7 @@ class DecodePool:
 class FaceOut(BaseModel):
     box: list[int]  # [x, y, w, h] in the upright image's pixels
     emotion: str
-    probabilities: dict[str, float]
+    probabilities: dict[str, float]  # calibrated (see /health's temperature)
 
 
 class PredictOut(BaseModel):
@@ -92,6 +92,7 @@ class HealthOut(BaseModel):
     model: str
     backend: str
     classes: list[str]
+    temperature: float  # probabilities are softmax(logits / temperature); 1 for an uncalibrated model
 
 
 class ErrorOut(BaseModel):
@@ -146,7 +147,7 @@ def create_app(predictor: Predictor, limits: UploadLimits | None = None) -> Fast
     def health():
         source = predictor.source
         return {"status": "ok", "model": f"{source.parent.name}/{source.name}" if source else "?",
-                "backend": predictor.backend, "classes": predictor.classes}
+                "backend": predictor.backend, "classes": predictor.classes, "temperature": predictor.temperature}
 
     @app.post("/predict", response_model=PredictOut, summary="Faces and emotion probabilities in one image",
               responses={400: {"model": ErrorOut, "description": "empty or damaged image"},

@@ -24,6 +24,7 @@ from fervit.data.dataset import CLASSES, FerData, load_fer
 from fervit.data.splits import Splits, make_splits
 from fervit.device import amp_choice, channels_last_choice, resolve_device
 from fervit.errors import FervitError
+from fervit.evaluation.calibration import calibrate_run, calibration_summary
 from fervit.evaluation.evaluate import evaluate, split_report
 from fervit.evaluation.metrics import confusion_matrix
 from fervit.evaluation.plots import curves_png
@@ -425,11 +426,13 @@ def finish_run(run_dir: Path, cfg: RunConfig, data: FerData, splits: Splits, row
         "val": {**split_report(val, "validation"), "tta": cfg.train.tta},
         "test": {**split_report(test, "test", run_dir, "confusion_matrix.png"), "tta": cfg.train.tta},
     }
+    results["calibration"] = calibrate_run(run_dir, run_dir / WEIGHTS_NAME, val, test)  # T into the model file
     write_json(run_dir / "results.json", results)
     if not quiet:
         print(f"best epoch {extra.get('best_epoch')} | val acc {results['val']['accuracy']:.4f} | "
               f"test acc {results['test']['accuracy']:.4f} | macro F1 {results['test']['macro_avg']['f1']:.4f} | "
               f"{run_dir}")
+        print(calibration_summary(results["calibration"]))
     return results
 
 
