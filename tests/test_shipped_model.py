@@ -66,5 +66,7 @@ def test_predict_and_evaluate_use_it_without_a_model_argument(shipped, real_data
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads((tmp_path / "runs" / "shipped_model" / "results.json").read_text())
     assert results["test"]["num_samples"] == 3589  # PrivateTest, from the split recorded in model.json
-    assert results["test"]["accuracy"] == pytest.approx(meta["metrics"]["test_accuracy"], abs=1e-6)
+    # the card's figure, up to the precision evaluate picks on this CPU (bf16 autocast where the CPU has it,
+    # fp32 elsewhere: a few of 3,589 faces may change their answer, 0.1 point)
+    assert results["test"]["accuracy"] == pytest.approx(meta["metrics"]["test_accuracy"], abs=3e-3)
     assert not (shipped.parent / "results.json").exists()  # nothing written into the package
