@@ -17,11 +17,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from fervit.errors import FervitError
 
 
+# the README's "Data" rule in a few words (fervit.config.resolve_data_root applies it)
+DATA_DEFAULT = "$FERVIT_DATA, else ./data/emotion_detection_fer, ../shared/data/emotion_detection_fer or where " \
+               "`fervit data fetch` puts it, the first that exists"
+
+
 def add_data_args(p: argparse.ArgumentParser) -> None:
     """The dataset options every data-reading command shares."""
-    p.add_argument("--data", help="dataset root (folder layout or fer2013.csv); default $FERVIT_DATA "
-                                  "or data/emotion_detection_fer")
-    p.add_argument("--cache-dir", help="where the decoded tensor cache lives (default: the user cache dir)")
+    p.add_argument("--data", help=f"dataset root (folder layout or fer2013.csv); default: {DATA_DEFAULT}")
+    p.add_argument("--cache-dir", help="where the decoded tensor cache lives (default: $FERVIT_CACHE, else the user "
+                                       "cache dir)")
     p.add_argument("--strict", action="store_true", help="fail on corrupt image files instead of skipping them")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fervit.cli import DATA_DEFAULT
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("export", help="export a model to ONNX (dynamic batch) and check it against PyTorch",
@@ -10,8 +12,8 @@ def add_parser(sub) -> None:
                                    "1e-4 and accuracy must be identical.")
     p.add_argument("checkpoint", help="run folder or .safetensors checkpoint")
     p.add_argument("--output", help="the .onnx file to write (default: beside the checkpoint)")
-    p.add_argument("--data", help="FER-2013 folder whose test/ faces the check uses (default $FERVIT_DATA or "
-                                  "data/emotion_detection_fer)")
+    p.add_argument("--data", help="FER-2013 folder whose test/ faces the check uses (default: the folder the run "
+                                  f"trained on if it is still there, else {DATA_DEFAULT})")
     p.add_argument("--check-images", type=int, default=512, metavar="N",
                    help="test faces to compare on (0 skips the check)")
     p.set_defaults(func=run_export)

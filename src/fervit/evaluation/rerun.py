@@ -46,6 +46,8 @@ def evaluate_checkpoint(checkpoint: str | list[str], split: str = "test", data_r
     cfg = read_run_config(run_dir, "evaluate") or split_config_from_meta(weights)
     if data_root:
         cfg.data.root = data_root
+    elif cfg.data.root and not Path(cfg.data.root).expanduser().exists():
+        cfg.data.root = ""  # the folder the run trained on is gone (or was relative to elsewhere): the usual places
     if protocol:
         cfg.data.protocol = protocol
     if cache_dir:
