@@ -16,7 +16,7 @@ def add_parser(sub) -> None:
     a = dsub.add_parser("audit", help="report duplicates, label conflicts and blank frames")
     a.add_argument("root", nargs="?", help=f"dataset root (default: --data, else {DATA_DEFAULT})")
     add_data_args(a)
-    a.add_argument("--json", metavar="PATH", help="also write the full report as JSON")
+    a.add_argument("--json", metavar="PATH", help="also write the full report as JSON (default: only the summary)")
     a.set_defaults(func=run_audit)
 
 

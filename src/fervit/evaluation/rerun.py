@@ -33,11 +33,13 @@ def split_config_from_meta(weights: Path) -> RunConfig:
 
 def evaluate_checkpoint(checkpoint: str | list[str], split: str = "test", data_root: str | None = None,
                         protocol: str | None = None, device: str = "auto", tta: bool | str = "none",
-                        cache_dir: str | None = None, strict: bool = False, output: str | None = None) -> str:
+                        cache_dir: str | None = None, strict: bool = False, output: str | None = None,
+                        announce=None) -> str:
     """Evaluate and write results.json (the split's section) plus its confusion matrix; returns a summary.
 
     Several checkpoints make an ensemble: their softmax probabilities are averaged. The data protocol
-    comes from the first checkpoint's run folder.
+    comes from the first checkpoint's run folder. `announce(weights, meta)` runs for each model once it has
+    loaded, before the data is read (the CLI names the models).
     """
     checkpoints = [checkpoint] if isinstance(checkpoint, str) else list(checkpoint)
     all_weights = [find_checkpoint(c) for c in checkpoints]
@@ -69,6 +71,9 @@ def evaluate_checkpoint(checkpoint: str | list[str], split: str = "test", data_r
         if tta == "ten_crop" and not m.model.takes_crops():
             raise FervitError(f"{w}: ten-crop TTA needs a model trained on crops smaller than the face "
                               "(model.crop_size); this one takes the whole face: use --tta mirror")
+    if announce is not None:
+        for w, (_, m) in zip(all_weights, models):
+            announce(w, m)
     model, meta = models[0]
     data = load_fer(cfg.data.root, cfg.data.cache_dir or None, strict)
     splits = make_splits(data, cfg.data.protocol, cfg.data.val_fraction, cfg.data.split_seed,
