@@ -34,7 +34,7 @@ def run_audit(args) -> int:
     from fervit.io import write_json
 
     data = load_fer(resolve_data_root(args.root or args.data or ""), args.cache_dir, args.strict)
-    report = audit(data)
+    report = audit(data, progress=True)
     print(format_audit(report))
     if args.json:
         write_json(args.json, report)

@@ -47,7 +47,8 @@ def run_evaluate(args) -> int:
     print(evaluate_checkpoint(checkpoints, split=args.split, data_root=args.data, protocol=args.protocol,
                               device=args.device, tta=args.tta, cache_dir=args.cache_dir, strict=args.strict,
                               output=output,
-                              announce=lambda w, meta: print(model_line(w, meta), file=sys.stderr, flush=True)))
+                              announce=lambda w, meta: print(model_line(w, meta), file=sys.stderr, flush=True),
+                              progress=True))
     return 0
 
 

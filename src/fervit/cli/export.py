@@ -30,7 +30,7 @@ def run_export(args) -> int:
     from fervit.models.checkpoint import ModelFile, find_checkpoint
 
     weights = find_checkpoint(resolve_model(args.checkpoint, args.runs))
-    path, report = export_checkpoint(weights, args.output, args.data, args.check_images)
+    path, report = export_checkpoint(weights, args.output, args.data, args.check_images, progress=True)
     # which model was exported, once it worked (a failure stays one line; the export takes seconds)
     print(model_line(weights, ModelFile.read(weights)), file=sys.stderr)
     print(f"wrote {path}")

@@ -12,11 +12,11 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from fervit.data.augment import normalize, tta_mode, tta_views
 from fervit.data.dataset import IMG_SIZE
 from fervit.errors import FervitError
+from fervit.progress import progress_bar
 from fervit.inference.faces import (MARGIN, MAX_PIXELS, Box, FaceDetector, ImageError, face_crop, is_face_crop,
                                     open_image, to_face, to_gray)
 from fervit.models.checkpoint import WEIGHTS_NAME, ModelFile
@@ -283,7 +283,7 @@ class Predictor:
                         progress: bool = False, total: int | None = None,
                         keep_images: bool = False) -> Iterator[ImageResult]:
         """Decode and classify (name, path/bytes/file) pairs `batch_size` images at a time, in order."""
-        bar = tqdm(total=total, desc="predicting", unit="img", disable=not progress, leave=False, file=sys.stderr)
+        bar = progress_bar(total=total, desc="predicting", quiet=not progress)
         batch: list[tuple[str, Image.Image | ImageError]] = []
         for name, src in sources:
             try:
