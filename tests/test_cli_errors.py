@@ -47,7 +47,7 @@ def test_missing_default_data_folder_points_to_fetch(tmp_path):
     env = {k: v for k, v in __import__("os").environ.items() if k != "FERVIT_DATA"}
     env["XDG_DATA_HOME"] = str(tmp_path / "xdg")  # no fetched copy either
     (tmp_path / "clone").mkdir()
-    done = fervit("train", "--device", "cpu", cwd=tmp_path / "clone", env=env)
+    done = fervit("train", "--preset", "tiny", "--device", "cpu", cwd=tmp_path / "clone", env=env)
     assert_one_line_error(done, "no FER-2013 data found")
     assert "fervit data fetch" in done.stderr and "shared/data/emotion_detection_fer" in done.stderr
 
