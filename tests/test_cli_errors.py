@@ -45,9 +45,11 @@ def test_train_on_a_folder_with_an_unknown_class(tmp_path):
 
 def test_missing_default_data_folder_points_to_fetch(tmp_path):
     env = {k: v for k, v in __import__("os").environ.items() if k != "FERVIT_DATA"}
-    done = fervit("train", "--device", "cpu", cwd=tmp_path, env=env)
-    assert_one_line_error(done, "data/emotion_detection_fer' does not exist")
-    assert "fervit data fetch" in done.stderr
+    env["XDG_DATA_HOME"] = str(tmp_path / "xdg")  # no fetched copy either
+    (tmp_path / "clone").mkdir()
+    done = fervit("train", "--preset", "tiny", "--device", "cpu", cwd=tmp_path / "clone", env=env)
+    assert_one_line_error(done, "no FER-2013 data found")
+    assert "fervit data fetch" in done.stderr and "shared/data/emotion_detection_fer" in done.stderr
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """timm backbones: built for 1-channel faces, fine-tuned from a local weights file, saved and reloaded as fervit models.
 
-Most tests need timm and a torchvision built for the installed torch; scripts/test.sh runs them in a second
-environment (.venv-timm) because the lean CPU torch has no matching torchvision. They skip where timm is absent.
+Most tests need timm, which imports torchvision; scripts/test.sh provides both beside the CPU torch (see
+scripts/test_extras/sitecustomize.py). They skip where timm is absent or cannot be imported.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def test_without_timm_the_error_is_one_line_saying_how_to_get_it(monkeypatch):
 
 needs_timm = pytest.mark.skipif(
     subprocess.run([sys.executable, "-c", "import timm"], capture_output=True).returncode != 0,
-    reason="timm with a matching torchvision is not importable here (scripts/test.sh runs these in .venv-timm)")
+    reason="timm (with a torchvision it can import) is not importable here; scripts/test.sh provides it")
 
 
 @pytest.fixture(scope="module")

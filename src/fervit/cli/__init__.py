@@ -17,11 +17,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from fervit.errors import FervitError
 
 
+# the README's "Data" rule in a few words (fervit.config.resolve_data_root applies it)
+DATA_DEFAULT = "$FERVIT_DATA, else ./data/emotion_detection_fer, ../shared/data/emotion_detection_fer or where " \
+               "`fervit data fetch` puts it, the first that exists"
+
+
 def add_data_args(p: argparse.ArgumentParser) -> None:
     """The dataset options every data-reading command shares."""
-    p.add_argument("--data", help="dataset root (folder layout or fer2013.csv); default $FERVIT_DATA "
-                                  "or data/emotion_detection_fer")
-    p.add_argument("--cache-dir", help="where the decoded tensor cache lives (default: the user cache dir)")
+    p.add_argument("--data", help=f"dataset root (folder layout or fer2013.csv); default: {DATA_DEFAULT}")
+    p.add_argument("--cache-dir", help="where the decoded tensor cache lives (default: $FERVIT_CACHE, else the user "
+                                       "cache dir)")
     p.add_argument("--strict", action="store_true", help="fail on corrupt image files instead of skipping them")
 
 
@@ -40,10 +45,30 @@ def flag_overrides(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> list
     return overrides + list(getattr(args, "set", []))
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """--help states every option's default: appended where the help text does not already say it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default  # (0 == False: compare by identity and type, so a default 0 is still shown)
+        if "default" in text.lower() or not action.option_strings or default is None or default is False \
+                or (isinstance(default, (list, tuple)) and not default) or default is argparse.SUPPRESS:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """fervit's parsers: DefaultsFormatter everywhere (add_subparsers makes its children of this class too)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fervit import __version__
 
-    parser = argparse.ArgumentParser(prog="fervit", description="Facial emotion recognition with Vision Transformers")
+    parser = Parser(prog="fervit", description="Facial emotion recognition with Vision Transformers")
     parser.add_argument("--version", action="version", version=f"fervit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):

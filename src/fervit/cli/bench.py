@@ -16,7 +16,7 @@ def add_parser(sub) -> None:
                                    "same model, same machine; print one table.")
     add_data_args(p)
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run for CI, numbers only indicative")
-    p.add_argument("--json", metavar="PATH", help="also write the result as JSON here")
+    p.add_argument("--json", metavar="PATH", help="also write the result as JSON here (default: only the table)")
     p.add_argument("--models", nargs="+", metavar="PRESET", help="presets to time (default vit_cnn vit_patch)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--batch-size", type=int, help="training batch size for both pipelines (default 128)")
@@ -24,9 +24,9 @@ def add_parser(sub) -> None:
                                              "2 on CPU)")
     p.add_argument("--data-images", type=int, help="images per data-path timing (default: one epoch on CUDA)")
     p.add_argument("--eval-images", type=int, help="test images per evaluation timing (default: all on CUDA)")
-    p.add_argument("--repeats", type=int, help="timings per figure; the best one counts")
+    p.add_argument("--repeats", type=int, help="timings per figure; the best one counts (default 3; quick 2)")
     p.add_argument("--workers", type=int, help="DataLoader workers of the usual pipeline (default: CPU count)")
-    p.add_argument("--compile", choices=["auto", "on", "off"], help="torch.compile the model (auto: CUDA only)")
+    p.add_argument("--compile", choices=["auto", "on", "off"], help="torch.compile the model (default auto: CUDA only)")
     p.add_argument("--few-workers", type=int, help="the usual pipeline is also timed with this many workers "
                                                    "(default 4, a typical Slurm CPU share per GPU)")
     p.add_argument("--step-model", metavar="PRESET", help="model of the step-mode and concurrency rows "
@@ -37,7 +37,7 @@ def add_parser(sub) -> None:
                    help="batch sizes of the step-mode rows (default: --batch-size x 1, 2 and 4)")
     p.add_argument("--concurrency", nargs="*", type=int, metavar="N",
                    help="models trained at once, one process each (default 1 2 4 8; quick 1 2; none: skip)")
-    p.add_argument("--concurrency-steps", type=int, help="timed steps per process in the concurrency rows")
+    p.add_argument("--concurrency-steps", type=int, help="timed steps per process in the concurrency rows (default: --steps, or 200 when that is a whole epoch)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=run_bench)
 

@@ -7,6 +7,10 @@ import json
 import sys
 from pathlib import Path
 
+MODEL_HELP = ("run folder, .safetensors or .onnx file, or `last`: the newest finished run under --runs (default: the "
+              "shipped model, else the newest run under ./runs)")
+RUNS_HELP = "the folder `--model last` searches, like train's --output (default: %(default)s)"
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("predict", help="detect faces in photos and videos and classify their emotion",
@@ -15,8 +19,8 @@ def add_parser(sub) -> None:
                                    "Exit status 1 when some inputs could not be read.")
     p.add_argument("inputs", nargs="*", metavar="INPUT",
                    help="image file, folder of images, - for stdin, or video file (.mp4, .avi, .mov, .mkv, ...)")
-    p.add_argument("--model", help="run folder, .safetensors or .onnx (default: the shipped model, else the "
-                                   "newest run under ./runs)")
+    p.add_argument("--model", help=MODEL_HELP)
+    p.add_argument("--runs", default="runs", metavar="DIR", help=RUNS_HELP)
     p.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto",
                    help="auto: ONNX Runtime for .onnx files, else PyTorch; onnx: the export beside the checkpoint")
     p.add_argument("--device", default="cpu", help="PyTorch device: cpu | cuda | auto")
@@ -27,12 +31,12 @@ def add_parser(sub) -> None:
     det.add_argument("--no-detect", action="store_true", help="classify each image whole: it is a face crop already")
     det.add_argument("--detect", action="store_true",
                      help="search for faces even in small images (default: images up to 128 px are face crops)")
-    p.add_argument("--annotate", metavar="DIR", help="write copies with boxes and labels drawn into DIR")
+    p.add_argument("--annotate", metavar="DIR", help="write copies with boxes and labels drawn into DIR (default: none)")
     p.add_argument("--batch-size", type=int, default=16, help="images decoded and classified together")
     p.add_argument("--tta", nargs="?", const="mirror", default="none", choices=["none", "mirror", "ten_crop"],
                    help="test-time augmentation: --tta (mirror) averages each face and its mirror; --tta ten_crop "
                         "the four corner and centre crops and their mirrors (models trained with model.crop_size)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no line naming the model")
     vid = p.add_argument_group("videos and webcam", "each video gets a new folder NAME_emotions/ with NAME.json, "
                                "NAME.csv (per frame: time, face track id, box, probabilities), NAME_annotated.mp4 "
                                "and NAME_timeline.png")
@@ -48,7 +52,7 @@ def add_parser(sub) -> None:
 def run_predict(args) -> int:
     from fervit.errors import FervitError
     from fervit.inference.annotate import annotated_path, draw_faces
-    from fervit.inference.predictor import Predictor, expand_inputs
+    from fervit.inference.predictor import Predictor, expand_inputs, model_line
 
     if args.batch_size < 1:
         raise FervitError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -62,7 +66,9 @@ def run_predict(args) -> int:
         return run_video(args)
     if args.every != 1 or args.max_frames is not None or args.out:
         raise FervitError("--every, --max-frames and --out are for videos and --webcam; photos take --annotate DIR")
-    predictor = Predictor.load(args.model, args.backend, args.device, tta=args.tta)
+    predictor = Predictor.load(args.model, args.backend, args.device, runs_dir=args.runs, tta=args.tta)
+    if not args.quiet:  # which model answered; on stderr, so --json and --csv output stay clean
+        print(model_line(predictor.source, predictor.meta), file=sys.stderr)
     sources = expand_inputs(args.inputs)
     if not sources:
         raise FervitError(f"no files found in {', '.join(args.inputs)}")

@@ -15,19 +15,21 @@ def add_parser(sub) -> None:
                                    "worker started with the same --study and --storage joins the same study.")
     p.add_argument("--preset", default="vit_cnn", help="the base config every trial starts from")
     add_data_args(p)
-    p.add_argument("--protocol", choices=["seed", "fer2013"])
-    p.add_argument("--epochs", type=int, help="epochs per trial")
-    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--protocol", choices=["seed", "fer2013"],
+                   help="seed: a seeded 90/10 split of train/ into train/val, test = test/; fer2013: Training / "
+                        "PublicTest (val) / PrivateTest (test) (default: the preset's, seed)")
+    p.add_argument("--epochs", type=int, help="epochs per trial (default: the preset's)")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the preset's, auto)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="fix a config field for every trial, e.g. --set train.batch_size=256")
+                   help="fix a config field for every trial, e.g. --set train.batch_size=256 (repeatable; default: none)")
     p.add_argument("--study", default="fervit", help="study name (default fervit)")
     p.add_argument("--storage", help="SQLAlchemy URL of the study database, e.g. postgresql://user@host/db "
                                      "(default: SQLite at OUTPUT/STUDY/study.db)")
     p.add_argument("--output", default="runs/sweeps", help="trial run folders go to OUTPUT/STUDY/")
     p.add_argument("--trials", type=int, default=20, help="trials this worker runs (default 20)")
     p.add_argument("--max-study-trials", type=int, default=0,
-                   help="stop once the whole study has this many finished trials (Slurm arrays)")
-    p.add_argument("--timeout", type=float, default=0, help="start no trial after this many seconds")
+                   help="stop once the whole study has this many finished trials (Slurm arrays; default 0: no limit)")
+    p.add_argument("--timeout", type=float, default=0, help="start no trial after this many seconds (default 0: no limit)")
     p.add_argument("--space", help="JSON search space replacing the default ({key: {choices}|{low, high, log}})")
     p.add_argument("--pruner", choices=["median", "none"], default="median",
                    help="median: stop a trial whose val accuracy is below the median of earlier trials")

@@ -14,29 +14,34 @@ def add_parser(sub) -> None:
     p.add_argument("--preset", help="preset name or .json file (see `fervit presets`; default: cpu on a CPU, "
                                     "vit_cnn on a GPU)")
     add_data_args(p)
-    p.add_argument("--protocol", choices=["seed", "fer2013"])
+    p.add_argument("--protocol", choices=["seed", "fer2013"],
+                   help="seed: a seeded 90/10 split of train/ into train/val, test = test/; fer2013: Training / "
+                        "PublicTest (val) / PrivateTest (test) (default: the preset's, seed)")
     p.add_argument("--epochs", type=int, help="epochs in all; with --resume, more than the run has done trains it "
-                                              "further, also a finished run (the cosine re-plans to the new total)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
+                                              "further, also a finished run (the cosine re-plans to the new total; default: the preset's)")
+    p.add_argument("--batch-size", type=int, help="images per optimiser step (default: the preset's)")
+    p.add_argument("--lr", type=float, help="peak learning rate, reached after the warm-up (default: the preset's)")
     p.add_argument("--output", help="folder that receives the run folder (default runs/)")
-    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the preset's, auto: a GPU when there is "
+                                    "one)")
+    p.add_argument("--seed", type=int, help="seed of initialisation, shuffling and augmentation (default: the "
+                                            "preset's, 0)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config field, e.g. --set model.depth=8 --set optim.ema_decay=0.999")
+                   help="override any config field, e.g. --set model.depth=8 --set optim.ema_decay=0.999 "
+                        "(repeatable; default: none)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue a stopped run exactly from its last checkpoint, with its own config "
                         "(only where/how-fast keys such as --data or --device, and --epochs, may change); refused "
-                        "while another process trains into RUN_DIR")
+                        "while another process trains into RUN_DIR (default: a new run)")
     p.add_argument("--run-dir", metavar="DIR",
                    help="write the run into DIR; if DIR already holds this run, resume it (what a requeued "
-                        "Slurm job needs: the same command line starts, then continues)")
+                        "Slurm job needs: the same command line starts, then continues; default: a new folder under --output)")
     several = p.add_argument_group("several runs at once (each its own process, as if trained alone)")
-    several.add_argument("--seeds", metavar="S1,S2,...", help="train the config once per seed, e.g. --seeds 0,1,2")
+    several.add_argument("--seeds", metavar="S1,S2,...", help="train the config once per seed, e.g. --seeds 0,1,2 (default: one run)")
     several.add_argument("--jobs", metavar="PLAN.json",
                          help='train the jobs of a plan: {"jobs": [{"name": ..., "preset": ..., "seed": ..., '
-                              '"set": ["KEY=VALUE", ...]}]}; the other flags apply to every job')
+                              '"set": ["KEY=VALUE", ...]}]}; the other flags apply to every job (default: one run)')
     several.add_argument("--parallel", type=int, help="jobs running at the same time (default: all of them)")
     several.add_argument("--mps", choices=["auto", "on", "off"], default="auto",
                          help="CUDA MPS for the jobs: auto uses it when the machine has it (default auto)")

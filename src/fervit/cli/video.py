@@ -43,7 +43,7 @@ def run_video(args) -> int:
     detect = "never" if args.no_detect else "always" if args.detect else "auto"
     live = args.webcam is not None
     capture = open_camera(args.webcam) if live else None  # no camera: say so before the model loads
-    predictor = Predictor.load(args.model, args.backend, args.device, tta=args.tta)
+    predictor = Predictor.load(args.model, args.backend, args.device, runs_dir=args.runs, tta=args.tta)
     base = Path(args.out) if args.out else Path(".")
     results, failed = [], 0
     sources = [(f"webcam{args.webcam}", capture)] if live else [(v, None) for v in videos]

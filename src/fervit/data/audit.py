@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from fervit.data.dataset import CLASSES, FOLDERS, FerData
 from fervit.data.splits import image_hashes
+from fervit.progress import progress_bar
 
 BLANK_STD = 2.0  # a frame whose pixels vary less than this (out of 255) shows no face
 
@@ -32,11 +33,18 @@ def _groups(keys) -> list[list[int]]:
     return [g for g in by.values() if len(g) > 1]
 
 
-def audit(data: FerData) -> dict:
-    """Counts (and a few examples) of everything in the data that can bias training or evaluation."""
+def audit(data: FerData, progress: bool = False) -> dict:
+    """Counts (and a few examples) of everything in the data that can bias training or evaluation; `progress`
+    shows a bar over its stages (seconds each on the whole dataset)."""
+    bar = progress_bar(total=3, desc="auditing", unit="stage", quiet=not progress)
+    bar.set_postfix_str("exact duplicates")
     exact = _groups(image_hashes(data.images))
     exact_members = {i for g in exact for i in g}
+    bar.update()
+    bar.set_postfix_str("near duplicates")
     near = [g for g in _groups(dhash(data.images).tolist()) if not set(g) <= exact_members]
+    bar.update()
+    bar.set_postfix_str("blank frames")
     folder, labels = data.folder.numpy(), data.labels.numpy()
 
     def describe(groups):
@@ -53,6 +61,8 @@ def audit(data: FerData) -> dict:
 
     std = data.images.float().reshape(len(data), -1).std(dim=1).numpy()
     blank = np.flatnonzero(std < BLANK_STD)
+    bar.update()
+    bar.close()
     return {
         "images": len(data),
         "per_folder": {FOLDERS[f]: int((folder == f).sum()) for f in range(len(FOLDERS))},

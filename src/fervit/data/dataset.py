@@ -24,10 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
-
 from fervit.errors import FervitError
 from fervit.io import atomic_write
+from fervit.progress import progress_bar
 
 CLASSES = ("angry", "disgusted", "fearful", "happy", "neutral", "sad", "surprised")
 IMG_SIZE = 48
@@ -317,8 +316,7 @@ def _decode_folders(root: Path, entries, strict: bool, progress: bool):
     workers = min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:
         results = pool.map(_decode_one, (root / e[0] for e in entries), chunksize=64)
-        for i, arr in enumerate(tqdm(results, total=n, desc=f"decoding {root.name}", unit="img",
-                                     disable=not progress, leave=False)):
+        for i, arr in enumerate(progress_bar(results, total=n, desc=f"decoding {root.name}", quiet=not progress)):
             if arr is not None:
                 images[i], ok[i] = arr, True
     examples = [entries[i][0] for i in np.flatnonzero(~ok)[:5]]
@@ -346,8 +344,8 @@ def _read_csv(path: Path, strict: bool, progress: bool):
             if not reader.fieldnames or not {"emotion", "pixels"} <= set(reader.fieldnames):
                 raise FervitError(f"'{path}' has columns {reader.fieldnames}; a fer2013.csv needs "
                                   "emotion,pixels[,Usage]")
-            for row_no, row in enumerate(tqdm(reader, desc=f"reading {path.name}", unit="row",
-                                              disable=not progress, leave=False), start=2):
+            for row_no, row in enumerate(progress_bar(reader, desc=f"reading {path.name}", unit="row",
+                                                      quiet=not progress), start=2):
                 try:
                     emotion = int(row["emotion"])
                     if not 0 <= emotion < len(CSV_LABELS):

@@ -13,6 +13,7 @@ from fervit.data.dataset import CLASSES
 from fervit.device import autocast
 from fervit.evaluation.metrics import classification_report, confusion_matrix
 from fervit.evaluation.plots import confusion_matrix_png
+from fervit.progress import progress_bar
 
 
 def model_crop_size(model: nn.Module) -> int:
@@ -26,16 +27,17 @@ def model_crop_size(model: nn.Module) -> int:
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: torch.Tensor, indices: torch.Tensor, batch_size: int = 1024,
                    amp_dtype: torch.dtype | None = None, tta: bool | str = False,
-                   input_spec: tuple[float, float] = (MEAN, STD)) -> torch.Tensor:
+                   input_spec: tuple[float, float] = (MEAN, STD), progress: bool = False) -> torch.Tensor:
     """Logits (N, C) float32 for images[indices], no augmentation; with `tta` (mirror or ten_crop, see
     `tta_views`) the average of the views' log-probabilities. `input_spec`: the (mean, std) the model's
-    file records (fervit trains with MEAN and STD)."""
+    file records (fervit trains with MEAN and STD). `progress`: a bar (`fervit evaluate` on a CPU takes minutes)."""
     model.eval()
     device = images.device
     mode = tta_mode(tta)
     crop = model_crop_size(model)
     out = []
-    for start in range(0, len(indices), batch_size):
+    for start in progress_bar(range(0, len(indices), batch_size), desc="evaluating", quiet=not progress,
+                              unit="batch"):
         x = normalize(images[indices[start:start + batch_size]], *input_spec)
         with autocast(device, amp_dtype):
             if mode == "none":
@@ -49,9 +51,9 @@ def predict_logits(model: nn.Module, images: torch.Tensor, indices: torch.Tensor
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
              batch_size: int = 1024, amp_dtype: torch.dtype | None = None, tta: bool | str = False,
-             input_spec: tuple[float, float] = (MEAN, STD)) -> dict:
+             input_spec: tuple[float, float] = (MEAN, STD), progress: bool = False) -> dict:
     """Loss, accuracy and predictions on one split; stays on the device until the final read."""
-    logits = predict_logits(model, images, indices, batch_size, amp_dtype, tta, input_spec)
+    logits = predict_logits(model, images, indices, batch_size, amp_dtype, tta, input_spec, progress)
     y = labels[indices]
     loss = F.cross_entropy(logits, y) if len(y) else torch.tensor(0.0)
     preds = logits.argmax(-1)

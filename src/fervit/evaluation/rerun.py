@@ -22,6 +22,9 @@ from fervit.device import resolve_amp, resolve_device
 from fervit.models.checkpoint import ModelFile, find_checkpoint, load_model
 
 
+EVAL_BATCH = 1024  # the batch evaluation has always used (the figures recorded were measured with it)
+
+
 def split_config_from_meta(weights: Path) -> RunConfig:
     """For a checkpoint away from its run folder (e.g. the shipped model): the data split recorded in its JSON
     description, so it is still evaluated on the images it was not trained on."""
@@ -35,13 +38,14 @@ def split_config_from_meta(weights: Path) -> RunConfig:
 def evaluate_checkpoint(checkpoint: str | list[str], split: str = "test", data_root: str | None = None,
                         protocol: str | None = None, device: str = "auto", tta: bool | str = "none",
                         cache_dir: str | None = None, strict: bool = False, output: str | None = None,
-                        calibrate: bool = False) -> str:
+                        calibrate: bool = False, announce=None, progress: bool = False) -> str:
     """Evaluate and write results.json (the split's section) plus its confusion matrix; returns a summary.
 
     Several checkpoints make an ensemble: their softmax probabilities are averaged. The data protocol
     comes from the first checkpoint's run folder. `calibrate`: also fit the temperature on the validation
     split, write it into the model file (and an ONNX export beside it), and add the calibration section
-    and reliability diagram (fervit.evaluation.calibration).
+    and reliability diagram (fervit.evaluation.calibration). `announce(weights, meta)` runs for each model
+    once it has loaded, before the data is read (the CLI names the models).
     """
     checkpoints = [checkpoint] if isinstance(checkpoint, str) else list(checkpoint)
     all_weights = [find_checkpoint(c) for c in checkpoints]
@@ -50,6 +54,8 @@ def evaluate_checkpoint(checkpoint: str | list[str], split: str = "test", data_r
     cfg = read_run_config(run_dir, "evaluate") or split_config_from_meta(weights)
     if data_root:
         cfg.data.root = data_root
+    elif cfg.data.root and not Path(cfg.data.root).expanduser().exists():
+        cfg.data.root = ""  # the folder the run trained on is gone (or was relative to elsewhere): the usual places
     if protocol:
         cfg.data.protocol = protocol
     if cache_dir:
@@ -76,8 +82,11 @@ def evaluate_checkpoint(checkpoint: str | list[str], split: str = "test", data_r
         if tta == "ten_crop" and not m.model.takes_crops():
             raise FervitError(f"{w}: ten-crop TTA needs a model trained on crops smaller than the face "
                               "(model.crop_size); this one takes the whole face: use --tta mirror")
+    if announce is not None:
+        for w, (_, m) in zip(all_weights, models):
+            announce(w, m)
     model, meta = models[0]
-    data = load_fer(cfg.data.root, cfg.data.cache_dir or None, strict)
+    data = load_fer(cfg.data.root, cfg.data.cache_dir or None, strict, progress=progress)
     splits = make_splits(data, cfg.data.protocol, cfg.data.val_fraction, cfg.data.split_seed,
                          cfg.data.drop_eval_duplicates)
     idx = splits.val if split == "val" else splits.test
@@ -86,9 +95,10 @@ def evaluate_checkpoint(checkpoint: str | list[str], split: str = "test", data_r
     amp = resolve_amp("auto", dev)
     images, labels, idx_dev = data.images.to(dev), data.labels.to(dev), idx.to(dev)
     if len(models) == 1:
-        res = evaluate(model, images, labels, idx_dev, 1024, amp, tta, (meta.input.mean, meta.input.std))
+        res = evaluate(model, images, labels, idx_dev, EVAL_BATCH, amp, tta, (meta.input.mean, meta.input.std),
+                       progress)
     else:
-        res = evaluate_ensemble(models, images, labels, idx_dev, amp, tta)
+        res = evaluate_ensemble(models, images, labels, idx_dev, amp, tta, progress)
     calibration = None
     if calibrate:
         if len(splits.val) == 0:
@@ -96,7 +106,7 @@ def evaluate_checkpoint(checkpoint: str | list[str], split: str = "test", data_r
                               "to fit the temperature on")
         second = "val" if split == "test" else "test"  # calibration measures both splits
         second_idx = (splits.val if second == "val" else splits.test).to(dev)
-        both = {split: res, second: evaluate(model, images, labels, second_idx, 1024, amp, tta,
+        both = {split: res, second: evaluate(model, images, labels, second_idx, EVAL_BATCH, amp, tta,
                                              (meta.input.mean, meta.input.std))}
         calibration = calibrate_run(out_dir, weights, both["val"], both["test"])
     figure = "confusion_matrix.png" if split == "test" else "confusion_matrix_val.png"
@@ -140,12 +150,13 @@ def evaluate_checkpoint(checkpoint: str | list[str], split: str = "test", data_r
             f"{report['accuracy']:.4f}, macro F1 {report['macro_avg']['f1']:.4f} -> {results_path}{calibrated}")
 
 
-def evaluate_ensemble(models, images, labels, indices, amp_dtype, tta: bool | str) -> dict:
+def evaluate_ensemble(models, images, labels, indices, amp_dtype, tta: bool | str, progress: bool = False) -> dict:
     """Average the members' softmax probabilities; the result has evaluate()'s shape. `models`: (model, its
     ModelFile) pairs, each fed with the normalisation its file records."""
     import torch.nn.functional as F
 
-    probs = sum(F.softmax(predict_logits(m, images, indices, 1024, amp_dtype, tta, (meta.input.mean, meta.input.std)), -1)
+    probs = sum(F.softmax(predict_logits(m, images, indices, EVAL_BATCH, amp_dtype, tta,
+                                         (meta.input.mean, meta.input.std), progress), -1)
                 for m, meta in models) / len(models)
     logp = probs.clamp(min=1e-12).log()
     y = labels[indices]

@@ -22,6 +22,7 @@ from fervit.data.dataset import load_fer
 from fervit.errors import FervitError
 from fervit.io import atomic_write
 from fervit.models.checkpoint import ModelFile
+from fervit.progress import progress_bar
 
 OPSET = 20
 META_KEY = "fervit"
@@ -110,11 +111,11 @@ def load_onnx(path: str | os.PathLike, threads: int = 0) -> tuple[OnnxClassifier
     return OnnxClassifier(session), ModelFile.from_dict(meta, path)
 
 
-def real_test_slice(root: str | os.PathLike, n: int = 512) -> tuple[np.ndarray, np.ndarray]:
+def real_test_slice(root: str | os.PathLike, n: int = 512, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """n images spread evenly over the root's test/ images, decoded as training does: (n, 48, 48), (n,).
 
     Reads through `load_fer`, so the decoded tensor cache a training run left behind is reused."""
-    data = load_fer(root, progress=False)
+    data = load_fer(root, progress=progress)
     test = torch.nonzero(data.folder == 1).flatten()
     if len(test) == 0:
         raise FervitError(f"no test/ images in '{root}' to check the export on; give --data ROOT of a FER-2013 "
@@ -146,11 +147,12 @@ class ParityReport:
 
 @torch.inference_mode()
 def check_parity(model: torch.nn.Module, onnx_classifier: OnnxClassifier, images: np.ndarray, labels: np.ndarray,
-                 meta: ModelFile, batch_size: int = 256) -> ParityReport:
+                 meta: ModelFile, batch_size: int = 256, progress: bool = False) -> ParityReport:
     """Run both backends on (N, 48, 48) uint8 faces and compare logits, probabilities and accuracy."""
     model.eval()
     t_logits, o_logits = [], []
-    for start in range(0, len(images), batch_size):
+    for start in progress_bar(range(0, len(images), batch_size), desc="checking ONNX against PyTorch", unit="batch",
+                              quiet=not progress):
         x = normalize(torch.from_numpy(images[start:start + batch_size]), meta.input.mean, meta.input.std)
         t_logits.append(model(x).float().numpy())
         o_logits.append(onnx_classifier(x.numpy()))
@@ -169,7 +171,8 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike | None = None,
-                      data_root: str | None = None, check_images: int = 512) -> tuple[Path, ParityReport | None]:
+                      data_root: str | None = None, check_images: int = 512,
+                      progress: bool = False) -> tuple[Path, ParityReport | None]:
     """Export a run folder / checkpoint to ONNX (default: beside it) and check it on real test faces (by
     default those of the data the run was trained on).
 
@@ -189,13 +192,13 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike |
         run_cfg = read_run_config(weights.parent, "export")
         trained_on = run_cfg.data.root if run_cfg is not None else ""
         root = data_root or (trained_on if trained_on and Path(trained_on).is_dir() else "")
-        images, labels = real_test_slice(resolve_data_root(root), check_images)
+        images, labels = real_test_slice(resolve_data_root(root), check_images, progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     export_onnx(model, meta, out)
     if images is None:
         return out, None
     classifier, _ = load_onnx(out)
-    report = check_parity(model, classifier, images, labels, meta)
+    report = check_parity(model, classifier, images, labels, meta, 256, progress)
     if not report.ok:
         out.unlink(missing_ok=True)
         raise FervitError(f"the ONNX export '{out}' disagrees with PyTorch: {report.summary()}; nothing was kept")

@@ -12,11 +12,11 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from fervit.data.augment import normalize, tta_mode, tta_views
 from fervit.data.dataset import IMG_SIZE
 from fervit.errors import FervitError
+from fervit.progress import progress_bar
 from fervit.inference.faces import (MARGIN, MAX_PIXELS, Box, FaceDetector, ImageError, face_crop, is_face_crop,
                                     open_image, to_face, to_gray)
 from fervit.models.checkpoint import WEIGHTS_NAME, ModelFile
@@ -84,6 +84,63 @@ def newest_run(runs_dir: str | os.PathLike = RUNS_DIR) -> Path | None:
     return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
 
 
+LAST = "last"  # --model last: the newest finished run
+
+
+def newest_finished_run(runs_dir: str | os.PathLike = RUNS_DIR) -> Path | None:
+    """The run folder under `runs_dir` (searched recursively) whose training ended last: it holds a best model and
+    results.json (written when a run finishes). Ordered by its training_metrics.csv, written after every epoch,
+    since `fervit evaluate` rewrites results.json later."""
+    root = Path(runs_dir).expanduser()
+    found = [p.parent for p in root.rglob(WEIGHTS_NAME)
+             if p.is_file() and (p.parent / "results.json").is_file()] if root.is_dir() else []
+
+    def ended(run: Path) -> int:
+        metrics = run / "training_metrics.csv"
+        return (metrics if metrics.is_file() else run / WEIGHTS_NAME).stat().st_mtime_ns
+
+    return max(found, key=ended) if found else None
+
+
+def resolve_model(model: str | os.PathLike | None, runs_dir: str | os.PathLike = RUNS_DIR) -> Path:
+    """What --model names: a path as given, `last` (the newest finished run under `runs_dir`), or nothing (the
+    default model)."""
+    if model is None or str(model) == "":
+        return default_model()
+    if str(model) == LAST:
+        run = newest_finished_run(runs_dir)
+        if run is None:
+            raise FervitError(f"--model {LAST}: no finished run under '{runs_dir}' (one with {WEIGHTS_NAME} and "
+                              "results.json); train one with `fervit train`, name the folder runs go to with --runs "
+                              "DIR, or give the run folder itself")
+        return run
+    return Path(model).expanduser()
+
+
+def model_line(path: Path, meta: ModelFile) -> str:
+    """One line saying which model answers: its file, name, epoch and the accuracies it recorded."""
+    import json
+
+    facts = [meta.model.name if meta.model.name != "timm" else f"timm {meta.model.backbone}"]
+    if meta.epoch is not None:
+        facts.append(f"epoch {meta.epoch}")
+    val = meta.val_acc if meta.val_acc is not None else meta.metrics.get("val_accuracy")
+    if val is not None:
+        facts.append(f"val acc {val:.1%}")
+    test = meta.metrics.get("test_accuracy")
+    results = path.parent / "results.json" if path.suffix != ".onnx" else path.with_name("results.json")
+    if test is None and results.is_file():  # a run folder: the test accuracy its training measured at the end
+        try:
+            test = ((json.loads(results.read_bytes()) or {}).get("test") or {}).get("accuracy")
+        except (OSError, ValueError, AttributeError):
+            test = None
+    if isinstance(test, (int, float)):
+        facts.append(f"test acc {test:.1%}")
+    shipped = shipped_model()
+    which = "the shipped model " if shipped is not None and path.resolve() == shipped.resolve() else ""
+    return f"fervit: model {which}{path} ({', '.join(facts)})"
+
+
 def default_model() -> Path:
     """The shipped model if there is one, else the newest run under ./runs, else a one-line error."""
     path = shipped_model() or newest_run()
@@ -104,8 +161,10 @@ def check_meta(meta: ModelFile, source: Path) -> list[str]:
     return classes
 
 
-def load_classifier(model: str | os.PathLike | None = None, backend: str = "auto", device: str = "cpu"):
-    """(classifier, meta, source path) for a run folder, .safetensors or .onnx file (default: `default_model()`).
+def load_classifier(model: str | os.PathLike | None = None, backend: str = "auto", device: str = "cpu",
+                    runs_dir: str | os.PathLike = RUNS_DIR):
+    """(classifier, meta, source path) for a run folder, .safetensors or .onnx file, or `last` (see
+    `resolve_model`; default: `default_model()`).
 
     backend "auto" follows the file: .onnx -> ONNX Runtime, else PyTorch; "onnx" with a run folder or
     checkpoint uses the .onnx written beside it by `fervit export`.
@@ -114,7 +173,8 @@ def load_classifier(model: str | os.PathLike | None = None, backend: str = "auto
 
     if backend not in ("auto", "torch", "onnx"):
         raise FervitError(f"unknown backend '{backend}'; choose auto, torch or onnx")
-    path = Path(model).expanduser() if model else default_model()
+    path = resolve_model(model, runs_dir)
+    model = model if model and str(model) != LAST else None  # how the error below names it
     is_onnx = path.suffix == ".onnx"
     if is_onnx and backend == "torch":
         raise FervitError(f"'{path}' is an ONNX file; use --backend onnx, or give the run folder for PyTorch")
@@ -165,9 +225,9 @@ class Predictor:
 
     @classmethod
     def load(cls, model: str | os.PathLike | None = None, backend: str = "auto", device: str = "cpu",
-             **kwargs) -> Predictor:
+             runs_dir: str | os.PathLike = RUNS_DIR, **kwargs) -> Predictor:
         """Load a model (see `load_classifier`) and wrap it."""
-        classifier, meta, source = load_classifier(model, backend, device)
+        classifier, meta, source = load_classifier(model, backend, device, runs_dir)
         return cls(classifier, meta, source, **kwargs)
 
     @property
@@ -231,7 +291,7 @@ class Predictor:
                         progress: bool = False, total: int | None = None,
                         keep_images: bool = False) -> Iterator[ImageResult]:
         """Decode and classify (name, path/bytes/file) pairs `batch_size` images at a time, in order."""
-        bar = tqdm(total=total, desc="predicting", unit="img", disable=not progress, leave=False, file=sys.stderr)
+        bar = progress_bar(total=total, desc="predicting", quiet=not progress)
         batch: list[tuple[str, Image.Image | ImageError]] = []
         for name, src in sources:
             try:

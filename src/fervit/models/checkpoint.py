@@ -185,6 +185,11 @@ def find_checkpoint(path: str | Path) -> Path:
         return candidate
     if not path.is_file():
         raise FervitError(f"checkpoint '{path}' does not exist; give a run folder or a .safetensors file")
+    if path.suffix == ".json":  # e.g. a run's config.json or the description beside the weights: not a model
+        weights = path.with_suffix(".safetensors")
+        instead = f"'{weights}' (its weights)" if weights.is_file() else f"the run folder '{path.parent}'" \
+            if (path.parent / WEIGHTS_NAME).is_file() else "a run folder or its best_model.safetensors"
+        raise FervitError(f"'{path}' is a JSON file, not a model; give {instead}, or an .onnx export")
     if path.suffix != ".safetensors":
         raise FervitError(f"'{path}' is not a .safetensors checkpoint; fervit never loads pickled (.pt/.pth) files")
     return path

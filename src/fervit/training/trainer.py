@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from fervit.config import RunConfig, resolve_data_root
 from fervit.data.dataset import CLASSES, FerData, load_fer
@@ -40,6 +39,7 @@ from fervit.training.resume import (CheckpointWriter, Preempted, ResumeState, Ru
                                     data_fingerprint, has_checkpoint, load_last, restore, restore_rng, validate)
 from fervit.training.schedule import WarmupCosine, WarmupPlateau, apply_now, build_schedule
 from fervit.training.tensorboard import TensorBoardLog
+from fervit.training.watch import EpochBar, Figures, PlanCheck
 
 
 @dataclass
@@ -138,11 +138,12 @@ def _train(cfg: RunConfig, quiet: bool, data: FerData | None, run_dir, resume: b
         state = resume_state(run, saved)
         t_start = time.time() - state.elapsed_s
     tb = TensorBoardLog(run.run_dir, CLASSES, start_epoch=state.epoch, enabled=ctx.is_main)
+    watch = Figures(run.run_dir, CLASSES)
     checkpoints = CheckpointWriter()
     interrupted = False
     try:
         while state.epoch < state.epochs and not state.stop_reason:
-            row = run_epoch(run, state, tb)
+            row = run_epoch(run, state, tb, watch)
             plan_next(run, state, row, t_start, on_epoch)
             preempted = any_rank(bool(signals.requested), ctx)
             state.elapsed_s = time.time() - t_start
@@ -301,15 +302,23 @@ def extend(run: Run, state: TrainState) -> None:
     run.log(f"training to {state.epochs} epochs (lr now {run.parts.optimizer.param_groups[0]['lr']:.2e})")
 
 
-def run_epoch(run: Run, state: TrainState, tb: TensorBoardLog) -> dict:
-    """Train one epoch, validate, keep the best model, log; returns the epoch's metrics row."""
+def run_epoch(run: Run, state: TrainState, tb: TensorBoardLog, watch: Figures | None = None) -> dict:
+    """Train one epoch, validate, keep the best model, log, redraw the figures (`watch`); returns the epoch's
+    metrics row."""
     cfg, ctx, parts = run.cfg, run.ctx, run.parts
     state.epoch += 1
     t0 = time.time()
-    with tqdm(total=len(parts.train_idx), desc=f"epoch {state.epoch}/{state.epochs}", unit="img", leave=False,
-              disable=run.quiet or not ctx.is_main, dynamic_ncols=True) as bar:
+    # the plan's length is judged on the first steps of a run's first epoch (not again on a resume)
+    plan = PlanCheck(state.epochs, run.steps_per_epoch, ctx.device.type, cfg.train.time_budget_s) \
+        if state.epoch == 1 and ctx.is_main else None
+    first_step = parts.scheduler.last_epoch
+    with EpochBar(len(parts.train_idx), f"epoch {state.epoch}/{state.epochs}", run.quiet or not ctx.is_main,
+                  plan) as bar:
         lr = parts.optimizer.param_groups[0]["lr"]
         tr = train_one_epoch(parts, bar)
+    # the highest lr of the epoch's steps: the first one's is misleading in the warm-up (epoch 1 starts near 0)
+    peak_lr = max(base * fn(s) for base, fn in zip(parts.scheduler.base_lrs, parts.scheduler.lr_lambdas)
+                  for s in range(first_step, max(parts.scheduler.last_epoch, first_step + 1)))
     val = evaluate_split(run.eval_model, parts.images, parts.labels, run.val_idx, cfg, parts.amp_dtype, ctx)
     row = {"epoch": state.epoch, "lr": lr, "train_loss": tr["loss"], "train_acc": tr["acc"],
            "val_loss": val["loss"], "val_acc": val["acc"], "seconds": time.time() - t0}
@@ -331,8 +340,10 @@ def run_epoch(run: Run, state: TrainState, tb: TensorBoardLog) -> dict:
     if ctx.is_main:
         write_metrics_csv(run.run_dir / "training_metrics.csv", state.rows)
         tb.epoch(row, val["confusion"])
-    run.log(f"epoch {state.epoch:3d}/{state.epochs} lr {lr:.2e} | train loss {tr['loss']:.4f} acc {tr['acc']:.4f}"
-            f" | val loss {val['loss']:.4f} acc {val['acc']:.4f}{' *' if improved else ''} | {row['seconds']:.1f}s")
+        if watch is not None:
+            watch.epoch(state.rows, val["confusion"])
+    run.log(f"epoch {state.epoch:3d}/{state.epochs} peak lr {peak_lr:.2e} | train loss {tr['loss']:.4f} acc "
+            f"{tr['acc']:.4f} | val loss {val['loss']:.4f} acc {val['acc']:.4f}{' *' if improved else ''} | {row['seconds']:.1f}s")
     return row
 
 
