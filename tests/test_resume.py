@@ -450,3 +450,26 @@ def test_a_hand_edited_checkpoint_is_one_line_naming_the_file_and_how_to_start_o
     folder = re.escape(str(damaged_run / LAST_DIR))
     assert re.fullmatch(f"fervit: error: the checkpoint in {folder} is damaged: {problem}; delete {folder} to start "
                         "the run over from epoch 1\n", err), err
+
+
+@pytest.mark.parametrize("kind", ["link to a file", "dangling link", "hard link"])
+def test_a_lock_file_that_is_a_link_is_refused_and_never_written_through(kind, stopped_run, tmp_path, capsys):
+    # issue 21: `ln -s FILE RUN/.lock` truncated FILE and wrote "PID n on host" into it
+    target = tmp_path / "precious.txt"
+    lock = stopped_run / LOCK_FILE
+    lock.unlink(missing_ok=True)
+    if kind != "dangling link":
+        target.write_text("keep me\n")
+    if kind == "hard link":
+        os.link(target, lock)
+    else:
+        lock.symlink_to(target)
+    before = snapshot(stopped_run)
+    assert main(["train", "--resume", str(stopped_run), "--epochs", "5", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"fervit: error: {lock} is ") and "remove it and run this again" in err and "\n" not in err
+    if kind == "dangling link":
+        assert not target.exists()  # no file appears outside the run folder
+    else:
+        assert target.read_text() == "keep me\n"
+    assert snapshot(stopped_run) == before
