@@ -174,3 +174,51 @@ def test_parallel_below_one_is_one_line_before_anything_runs(tmp_path, capsys, v
     assert main(["train", "--seeds", "0,1", "--parallel", value, "--output", str(out), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"fervit: error: --parallel must be at least 1, got {value}" and not out.exists()
+
+
+# issue 21: each of these trained into the wrong folder or ended in a traceback
+@pytest.mark.parametrize("plan, message", [
+    ({"jobs": [{"name": ".."}]}, "job name '..' is not a folder name"),
+    ({"jobs": [{"name": "."}]}, "job name '.' is not a folder name"),
+    ({"jobs": [{"name": "a", "preset": 5}]}, "\"preset\" must be a preset name or .json file, got 5"),
+    ({"jobs": [{"name": "a", "set": None}]}, "\"set\" must be a list of \"KEY=VALUE\" strings, got null"),
+    ({"jobs": [{"name": "a", "set": [1, 2]}]}, "\"set\" must be a list of \"KEY=VALUE\" strings, got [1, 2]"),
+    ({"jobs": [{"name": "a", "set": "model.depth=2"}]}, "\"set\" must be a list"),
+    ({"jobs": [{"name": "a", "seed": "0"}]}, "\"seed\" must be a number"),
+    ({"jobs": [{"name": "a", "protocol": 1}]}, "\"protocol\" must be seed or fer2013"),
+], ids=["dotdot", "dot", "preset-number", "set-null", "set-numbers", "set-string", "seed-string", "protocol-number"])
+def test_a_plan_with_a_job_that_cannot_be_trained_is_one_line_before_anything_runs(tmp_path, capsys, plan, message):
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    rc = main(["train", "--jobs", str(path), "--output", str(tmp_path / "runs"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and message in err and "\n" not in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("binary", "is not UTF-8 text"), ("latin-1", "is not UTF-8 text"), ("folder", "is a folder"),
+    ("unreadable", "cannot read plan"), ("deep", "nested too deeply"),
+])
+def test_a_plan_file_that_is_not_a_plan_is_one_line(tmp_path, capsys, monkeypatch, kind, message):
+    import errno
+    import pathlib
+
+    path = tmp_path / "plan.json"
+    if kind == "binary":
+        path.write_bytes(bytes(range(256)))
+    elif kind == "latin-1":
+        path.write_bytes('{"jobs": [{"name": "caf\u00e9"}]}'.encode("latin-1"))
+    elif kind == "folder":
+        path.mkdir()
+    elif kind == "deep":
+        path.write_text("[" * 100_000 + "]" * 100_000)
+    else:  # chmod 000 does not stop root, who runs these tests: the refusal a read answers instead
+        path.write_text('{"jobs": [{"name": "a"}]}')
+        real = pathlib.Path.read_bytes
+        monkeypatch.setattr(pathlib.Path, "read_bytes", lambda self: (_ for _ in ()).throw(
+            PermissionError(errno.EACCES, "Permission denied")) if self == path else real(self))
+    rc = main(["train", "--jobs", str(path), "--output", str(tmp_path / "runs"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and message in err and "\n" not in err, err
+    assert not (tmp_path / "runs").exists()
