@@ -250,8 +250,9 @@ def _check_range(value, key: str):
     if spec is not None:
         low, high, says, flags = spec
         flags = flags.split()
-        too_low = low is not None and (value < low or (value == low and ("open_low" in flags or "open_both" in flags)))
-        too_high = high is not None and (value > high or (value == high and ("open_high" in flags or "open_both" in flags)))
+        open_low, open_high = "open_low" in flags or "open_both" in flags, "open_high" in flags or "open_both" in flags
+        too_low = low is not None and (value < low or (value == low and open_low))
+        too_high = high is not None and (value > high or (value == high and open_high))
         if too_low or too_high:
             raise FervitError(f"config key '{key}' must be {says}, got {value!r}")
     return value
