@@ -207,6 +207,9 @@ def run_train_jobs(args) -> int:
     n = 2
     while group.exists():
         group, n = group.with_name(f"{group.name.rsplit('~', 1)[0]}~{n}"), n + 1
+    from fervit.io import make_folder
+
+    make_folder(group)  # a read-only --output is one line here, before any job starts
     jobs = [train_job(name, argv, group / name) for name, argv in train_args.items()]
     parallel = args.parallel or len(jobs)
     print(f"{len(jobs)} jobs, {min(parallel, len(jobs))} at a time, under {group}", file=sys.stderr)
