@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -113,6 +114,71 @@ Per class on PrivateTest:
 """
 
 
+# what the card reads from results.json: key -> (types, required); a run without them is refused before
+# anything is written, so a damaged run never replaces half of the shipped model
+RESULT_FIELDS = {"params": ((int,), True), "split_sizes": ((dict,), True), "wall_seconds": ((int, float), False),
+                 "device": ((str,), False), "best_epoch": ((int,), False), "torch": ((str,), False)}
+SHIPPED = ("model.safetensors", "model.json", "confusion_matrix.png", "train_config.json", "MODEL_CARD.md")
+
+
+def check_results(results, path: Path) -> None:
+    """A one-line error unless `results` is a run's results object with the fields the card needs."""
+    if not isinstance(results, dict):
+        raise FervitError(f"'{path}' is not a run's results (a JSON object); evaluate the run again")
+    for key, (types, required) in RESULT_FIELDS.items():
+        value = results.get(key)
+        if value is None and not required:
+            continue
+        if isinstance(value, bool) or not isinstance(value, types):
+            kind = " or ".join(t.__name__ for t in types)
+            raise FervitError(f"'{path}': {key!r} must be a {kind}, got {value!r}; evaluate the run again with "
+                              "`fervit evaluate`")
+    for split in ("train", "val", "test"):
+        n = results["split_sizes"].get(split)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise FervitError(f"'{path}': split_sizes.{split} must be a count of images, got {n!r}; evaluate the "
+                              "run again with `fervit evaluate`")
+
+
+def check_inputs(run: Path):
+    """(config, results, metrics rows) of a finished fer2013 run, every one checked; nothing is written."""
+    cfg = read_run_config(run, "ship")
+    results_path = run / "results.json"
+    if cfg is None or not results_path.is_file():
+        raise FervitError(f"'{run}' is not a finished run folder (it needs config.json and results.json)")
+    if cfg.data.protocol != "fer2013":
+        raise FervitError(f"'{run}' used the {cfg.data.protocol} protocol; the shipped model is chosen on "
+                          "PublicTest and reported on PrivateTest, so train it with --protocol fer2013")
+    try:
+        results = json.loads(results_path.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise FervitError(f"'{results_path}' cannot be read ({e}); evaluate the run again with `fervit evaluate`") \
+            from None
+    check_results(results, results_path)
+    metrics = run / "training_metrics.csv"
+    if not metrics.is_file():
+        raise FervitError(f"'{metrics}' is missing; the card describes every epoch, so ship a run that has it")
+    rows = read_metrics_csv(metrics)
+    if not rows:
+        raise FervitError(f"'{metrics}' holds no epochs; ship a run that trained")
+    return cfg, results, rows
+
+
+def open_staging(dest: Path) -> tuple[Path, bool]:
+    """A private folder inside `dest` (made if missing) where every shipped file is built first; whether
+    `dest` was made here. One line when `dest` is a file or cannot be written."""
+    if dest.exists() and not dest.is_dir():
+        raise FervitError(f"--dest '{dest}' is a file; name the folder the shipped model goes into")
+    made = not dest.exists()
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(dir=dest, prefix=".ship-")), made
+    except OSError as e:
+        if made:
+            shutil.rmtree(dest, ignore_errors=True)
+        raise FervitError(f"cannot write into --dest '{dest}' ({e.strerror or e}); nothing was shipped") from None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path, help="a finished run folder written by `fervit train`")
@@ -121,47 +187,46 @@ def main(argv=None) -> int:
     ap.add_argument("--provenance", default="", help="where and how the run was trained, for the card "
                     "(e.g. the machine, and whether it shared the GPU with other jobs)")
     args = ap.parse_args(argv)
+    staging = made = None
     try:
-        cfg = read_run_config(args.run, "ship")
-        results_path = args.run / "results.json"
-        if cfg is None or not results_path.is_file():
-            raise FervitError(f"'{args.run}' is not a finished run folder (it needs config.json and results.json)")
-        if cfg.data.protocol != "fer2013":
-            raise FervitError(f"'{args.run}' used the {cfg.data.protocol} protocol; the shipped model is chosen on "
-                              "PublicTest and reported on PrivateTest, so train it with --protocol fer2013")
-        try:
-            results = json.loads(results_path.read_text())
-        except (OSError, ValueError) as e:
-            raise FervitError(f"'{results_path}' cannot be read ({e}); evaluate the run again with `fervit evaluate`") \
-                from None
-        if not isinstance(results, dict):
-            raise FervitError(f"'{results_path}' is not a run's results (a JSON object); evaluate the run again")
+        cfg, results, rows = check_inputs(args.run)
         model, meta = load_model(args.run)
-        args.dest.mkdir(parents=True, exist_ok=True)
-        weights = args.dest / "model.safetensors"
+        # all or nothing: every file is built in a staging folder inside --dest, and only once all of them
+        # exist are they moved over the shipped ones (a rename each, on the same filesystem)
+        staging, made = open_staging(args.dest)
+        weights = staging / "model.safetensors"
         meta.split, meta.source_run, meta.dtype = SplitSpec.of(cfg.data), args.run.name, "float16"
         save_model(model, meta, weights, dtype=torch.float16)
         size = weights.stat().st_size
         if size > MAX_BYTES:
-            weights.unlink()
             raise FervitError(f"the fp16 weights are {size / 2**20:.1f} MiB; the shipped model must be at most 10 MiB")
         data_root = resolve_data_root(args.data or cfg.data.root)
         with tempfile.TemporaryDirectory() as tmp:
             for split in ("val", "test"):
                 print(evaluate_checkpoint(str(weights), split=split, data_root=data_root, device="cpu", output=tmp))
             shipped = json.loads((Path(tmp) / "results.json").read_text())
-            shutil.copyfile(Path(tmp) / "confusion_matrix.png", args.dest / "confusion_matrix.png")
+            shutil.copyfile(Path(tmp) / "confusion_matrix.png", staging / "confusion_matrix.png")
         val, test = shipped["val"], shipped["test"]
         meta.metrics = {"val_accuracy": val["accuracy"], "test_accuracy": test["accuracy"],
                         "test_macro_f1": test["macro_avg"]["f1"], "params": count_parameters(model)}
         meta.write(weights)
-        shutil.copyfile(args.run / "config.json", args.dest / "train_config.json")
-        rows = read_metrics_csv(args.run / "training_metrics.csv")
-        (args.dest / "MODEL_CARD.md").write_text(card(args.run, cfg, results, val, test, rows, size,
-                                                             args.provenance))
+        shutil.copyfile(args.run / "config.json", staging / "train_config.json")
+        (staging / "MODEL_CARD.md").write_text(card(args.run, cfg, results, val, test, rows, size, args.provenance))
+        for name in SHIPPED:
+            os.replace(staging / name, args.dest / name)
+        weights = args.dest / "model.safetensors"
     except FervitError as e:
         print(f"ship_model: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. the disk filled while the files were built: nothing was moved into --dest
+        print(f"ship_model: error: cannot build the shipped model in '{args.dest}' ({e.strerror or e}); nothing "
+              "was shipped", file=sys.stderr)
+        return 2
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+            if made and not (args.dest / "model.safetensors").exists():
+                shutil.rmtree(args.dest, ignore_errors=True)
     print(f"shipped {weights} ({size / 1024:.0f} KiB): val {pct(val['accuracy'])}, test {pct(test['accuracy'])}")
     return 0
 

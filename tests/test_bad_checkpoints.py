@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def test_a_classes_list_shorter_than_the_outputs_is_refused_by_predict_and_expor
 
 def test_an_empty_stem_is_refused(run):
     edit_description(run, lambda m: m["model"].update(stem_channels=[]))
-    with pytest.raises(FervitError, match=r"model.stem_channels must list at least one positive channel count, got \[\]"):
+    with pytest.raises(FervitError, match=r"config key 'model.stem_channels' must be one or more channel counts"):
         load_model(run)
 
 
@@ -94,11 +95,28 @@ def test_an_input_size_that_disagrees_with_the_model_is_refused_at_export(run, c
     assert "says the input is 64 px but its model is built for 48 px images" in err and "Traceback" not in err
 
 
-def test_an_img_size_that_does_not_fit_the_weights_is_refused_at_export(run, capsys):
+def test_an_img_size_other_than_the_data_is_refused_at_export(run, capsys):
+    # FER-2013 faces are 48 px, so a model described for 64 px can be neither trained nor checked on them
     edit_description(run, lambda m: (m["model"].update(img_size=64), m["input"].update(size=64)))
     assert main(["export", str(run), "--check-images", "0"]) == 2
-    err = capsys.readouterr().err
-    assert "does not match a vit_cnn model as described in 'best_model.json' (shape of" in err
+    err = capsys.readouterr().err.strip()
+    assert "config key 'model.img_size' must be 48" in err and "\n" not in err
+    assert not run.joinpath("best_model.onnx").exists()
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("std", 0, "input.std must be a finite number above 0"), ("std", -0.5, "input.std must be a finite number above 0"),
+    ("std", "x", "input.std must be a finite number above 0"), ("mean", None, "input.mean must be a finite number"),
+    ("channels", 3, "input.channels is 3 but its model takes 1"),
+], ids=["zero", "negative", "string", "null-mean", "channels"])
+def test_an_input_normalisation_that_means_nothing_is_refused(run, capsys, field, value, says):
+    # std 0 divided every face by zero: the model evaluated to 14.29% and predicted "angry nan%"
+    edit_description(run, lambda m: m["input"].update({field: value}))
+    with pytest.raises(FervitError, match=re.escape(says)):
+        load_model(run)
+    assert main(["predict", str(run / "best_model.json"), "--model", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and "\n" not in err
 
 
 def test_save_model_refuses_nan_weights(tmp_path):

@@ -174,3 +174,49 @@ def test_another_datasets_cache_under_the_same_name_is_rebuilt(tmp_path):
         data = load_fer(root, cache, progress=False)
     assert len(data) == len(expected) and data.paths == expected.paths
     assert np.array_equal(data.images.numpy(), expected.images.numpy())
+
+
+# issue 21: the decode cache's checksum covered its tensors but not its JSON
+@pytest.mark.parametrize("edit", ["paths", "skipped", "skip_examples", "no checksum"])
+def test_a_cache_whose_file_list_was_edited_is_rebuilt_with_a_note(tmp_path, edit):
+    import json
+
+    root, cache = make_layout(tmp_path / "fer", per_class=2), tmp_path / "cache"
+    first = load_fer(root, cache, progress=False)
+    _, meta_path = cache_files(cache)
+    meta = json.loads(meta_path.read_text())
+    if edit == "paths":
+        meta["paths"][0], meta["paths"][-1] = meta["paths"][-1], meta["paths"][0]
+    elif edit == "skipped":
+        meta["skipped"] = 1000
+    elif edit == "skip_examples":
+        meta["skip_examples"] = ["train/happy/evil.jpg"]
+    else:
+        del meta["listing_sha256"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="(does not match its checksum|has no checksum of its file list).*rebuilding it"):
+        again = load_fer(root, cache, progress=False)
+    assert again.paths == first.paths and again.skipped == first.skipped == 0
+    assert torch.equal(again.images, first.images)
+
+
+@pytest.mark.parametrize("link, says", [
+    ("train/happy -> .", "holds the train/ folder"),
+    ("train/happy -> ..", "holds the whole dataset"),
+    ("train/happy -> sad", "share images"),
+    ("test/happy -> ../train/happy", "share images"),
+], ids=["its-parent", "the-root", "another-class", "a-training-class-as-test"])
+def test_a_class_folder_that_links_to_images_read_elsewhere_is_one_line(tmp_path, capsys, link, says):
+    # issue 21: `train/happy -> .` read every training image again as "happy", without a word
+    import shutil
+
+    root = make_layout(tmp_path / "fer", per_class=2)
+    name, target = link.split(" -> ")
+    shutil.rmtree(root / name)
+    (root / name).symlink_to(target, target_is_directory=True)
+    with pytest.raises(FervitError, match=says) as error:
+        load_fer(root, tmp_path / "cache", progress=False)
+    assert f"'{name}'" in str(error.value) and "\n" not in str(error.value)
+    assert main(["data", "audit", str(root)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fervit: error: ") and says in err and "\n" not in err

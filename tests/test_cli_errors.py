@@ -109,3 +109,17 @@ def test_incomplete_model_description_is_named(checkpoint):
 def test_cli_evaluate_with_a_damaged_run_config(checkpoint):
     (checkpoint.parent / "config.json").write_text("{not json")
     assert_one_line_error(fervit("evaluate", str(checkpoint.parent)), "config.json is damaged")
+
+
+@pytest.mark.parametrize("setting", ["optim.lr=nan", "optim.lr=inf", "optim.weight_decay=nan", "model.depth=-1",
+                                     "model.num_classes=8", "model.img_size=24", "model.in_chans=3",
+                                     "train.threads=-1", "augment.brightness=10"])
+def test_train_refuses_a_meaningless_value_before_anything_is_written(setting, tiny_layout, tmp_path, capsys):
+    # issue 21: these trained an epoch first (or trained a model nothing could use); now the config refuses them
+    from fervit.cli import main
+
+    assert main(["train", "--preset", "tiny", "--data", str(tiny_layout), "--output", str(tmp_path / "runs"),
+                 "--device", "cpu", "--set", setting]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"fervit: error: config key '{setting.split('=')[0]}'") and "\n" not in err
+    assert not (tmp_path / "runs").exists()

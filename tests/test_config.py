@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -101,3 +102,58 @@ def test_a_number_outside_what_its_key_can_mean_is_one_line_when_the_config_is_b
     section, name = key.split(".")
     with pytest.raises(FervitError, match="must be"):
         RunConfig.from_dict({section: {name: float(value)}})
+
+
+# issue 21: every value the issue found accepted (or refused only after an epoch, or with a traceback)
+@pytest.mark.parametrize("override, says", [
+    ("optim.grad_clip=nan", "finite number"), ("optim.label_smoothing=nan", "finite number"),
+    ("train.time_budget_s=nan", "finite number"), ("augment.rotation=nan", "finite number"),
+    ("augment.scale=nan,1", "finite number"), ("optim.lr=nan", "finite number"), ("optim.lr=inf", "finite number"),
+    ("optim.weight_decay=nan", "finite number"), ("optim.warmup_epochs=nan", "finite number"),
+    ("model.dropout=nan", "finite number"),
+    ("train.threads=-1", "0 (torch's default) or more"),
+    ("augment.scale=0.9,0.5", "the smaller first"), ("augment.scale=0.5,1.5", "(0, 1]"),
+    ("augment.scale=0,1", "(0, 1]"), ("augment.translate=1.5", "[0, 1]"),
+    ("augment.erase_scale=0.3,0.1", "the smaller first"), ("augment.erase_scale=0.1,2", "(0, 1]"),
+    ("augment.ratio=2,1", "the smaller first"), ("augment.ratio=0,1", "above 0"),
+    ("augment.ratio=1", "takes 2 values"), ("augment.brightness=10", "[0, 1]"), ("augment.contrast=-1", "[0, 1]"),
+    ("model.drop_path=2", "[0, 1)"), ("model.attn_dropout=2", "[0, 1)"),
+    ("model.depth=-1", "0 or more"), ("model.num_classes=8", "7, the FER-2013 classes"),
+    ("model.num_heads=0", "at least 1"), ("model.head_hidden=-1", "0 (a single linear head) or more"),
+    ("model.in_chans=3", "grayscale"), ("model.stem_channels=", "got none"), ("model.stem_channels=0", "at least 1"),
+    ("model.stem_channels=8,0", "at least 1"), ("model.stem_convs=0", "at least 1"),
+    ("model.patch_size=0", "at least 1"), ("model.img_size=24", "48, the size of FER-2013's faces"),
+    ("optim.betas=0.9", "takes 2 values"), ("optim.betas=0.9,0.99,0.999", "takes 2 values"),
+    ("optim.betas=0.9,1.0", "[0, 1)"), ("optim.betas=-0.1,0.9", "[0, 1)"),
+])
+def test_values_that_cannot_mean_anything_are_one_line_when_the_config_is_built(override, says):
+    key, value = override.split("=")
+    with pytest.raises(FervitError, match=re.escape(f"config key '{key}'")) as error:
+        apply_overrides(RunConfig(), [override])
+    assert says in str(error.value) and "\n" not in str(error.value)
+    section, name = key.split(".")  # the same refusal from a preset or a run's config.json
+    json_value = [float(v) for v in value.split(",") if v] if "," in value or name in (
+        "scale", "ratio", "erase_scale", "betas", "stem_channels") else float(value)
+    if name == "stem_channels":
+        json_value = [int(v) for v in json_value]
+    with pytest.raises(FervitError, match=re.escape(f"config key '{key}'")):
+        RunConfig.from_dict({section: {name: json_value}})
+
+
+@pytest.mark.parametrize("value", [5, "x", None, {"a": 1}])
+def test_a_list_key_given_something_else_in_json_is_one_line(value):
+    with pytest.raises(FervitError, match="config key 'augment.scale'"):
+        RunConfig.from_dict({"augment": {"scale": value}})
+
+
+def test_an_infinite_json_number_for_an_integer_key_is_one_line():
+    with pytest.raises(FervitError, match="config key 'train.epochs' expects a int"):
+        RunConfig.from_dict(json.loads('{"train": {"epochs": 1e400}}'))
+
+
+def test_every_shipped_preset_and_the_defaults_pass_the_ranges():
+    for name in preset_names():
+        load_preset(name)  # a preset outside its own table would be refused for every user
+    RunConfig.from_dict(RunConfig().to_dict())
+    strong = AugmentConfig().scaled(20.0)  # a sweep's augment.strength keeps every amount inside its range
+    RunConfig.from_dict({"augment": dataclasses.asdict(strong)})

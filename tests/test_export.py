@@ -98,6 +98,21 @@ def test_export_refuses_a_parity_failure_with_one_clear_error(exported, real_dat
     assert not (tmp_path / "m.onnx").exists()  # an export that failed its check is not left for --backend onnx
 
 
+def test_a_check_that_crashes_leaves_no_unchecked_export(exported, real_data, tmp_path, capsys, monkeypatch):
+    # issue 21: a model whose input did not fit the test faces crashed the check and left its .onnx behind
+    run, path, _ = exported
+    monkeypatch.setattr("fervit.inference.onnx.export_onnx", lambda model, meta, out: shutil.copy(path, out))
+
+    def crash(*a):
+        raise RuntimeError("shape mismatch: expected 24x24 input")
+
+    monkeypatch.setattr("fervit.inference.onnx.check_parity", crash)
+    assert main(["export", str(run), "--output", str(tmp_path / "m.onnx"), "--data", str(real_data)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "could not be checked against PyTorch (RuntimeError: shape mismatch" in err and "\n" not in err
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_export_without_data_reads_nothing_and_writes_nothing(exported, tmp_path, capsys):
     run, _, _ = exported
     assert main(["export", str(run), "--output", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "none")]) == 2

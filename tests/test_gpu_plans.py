@@ -115,3 +115,40 @@ def test_a_summary_that_is_missing_or_damaged_is_one_line(tmp_path, capsys, cont
     assert load_script("report_runs").main([str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"report_runs: error: '{path}' is not a readable summary")
+
+
+def damaged(change):
+    summary = summary_of({"s0": (0.70, 0.72), "s1": (0.71, 0.74)},
+                         {"s0": ["train.seed=0"], "s1": ["train.seed=1"]})
+    change(summary)
+    return summary
+
+
+# issue 21: a damaged summary picked its best job from string accuracies and grouped different recipes as seeds
+@pytest.mark.parametrize("change, says", [
+    (lambda s: s["jobs"]["s0"].update(val_acc="0.9"), "job 's0': 'val_acc' must be an accuracy in [0, 1], got \"0.9\""),
+    (lambda s: s["jobs"]["s1"].update(test_acc=True), "'test_acc' must be an accuracy"),
+    (lambda s: s["jobs"]["s0"].update(val_acc=71.0), "'val_acc' must be an accuracy in [0, 1], got 71.0"),
+    (lambda s: s["plan"]["jobs"][0].update(set="model.depth=2"), "\"set\" must be a list of KEY=VALUE strings"),
+    (lambda s: s["plan"]["jobs"][1].update(name="s0"), "plan job names must be unique"),
+    (lambda s: s["plan"]["jobs"][0].pop("preset"), "needs a \"name\" and a \"preset\""),
+    (lambda s: s["jobs"].update(ghost={"val_acc": 0.5}), "job 'ghost' is not in the plan"),
+    (lambda s: s["jobs"]["s0"].update(params="1M"), "'params' must be an integer"),
+    (lambda s: s.update(ensembles={"e": {"members": "s0"}}), "'ensembles' must map"),
+], ids=["val-string", "test-bool", "val-percent", "set-string", "names-repeat", "no-preset", "job-not-planned",
+        "params-string", "ensemble-members"])
+def test_a_damaged_summary_is_one_line_naming_the_field(tmp_path, capsys, change, says):
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps(damaged(change)))
+    assert load_script("report_runs").main([str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"report_runs: error: '{path}' is not a readable summary") and says in err, err
+    assert "\n" not in err
+
+
+def test_a_deeply_nested_summary_is_one_line(tmp_path, capsys):
+    path = tmp_path / "summary.json"
+    path.write_text("[" * 200_000 + "]" * 200_000)
+    assert load_script("report_runs").main([str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "nested too deeply" in err and "\n" not in err

@@ -174,3 +174,133 @@ def test_parallel_below_one_is_one_line_before_anything_runs(tmp_path, capsys, v
     assert main(["train", "--seeds", "0,1", "--parallel", value, "--output", str(out), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"fervit: error: --parallel must be at least 1, got {value}" and not out.exists()
+
+
+# issue 21: each of these trained into the wrong folder or ended in a traceback
+@pytest.mark.parametrize("plan, message", [
+    ({"jobs": [{"name": ".."}]}, "job name '..' is not a folder name"),
+    ({"jobs": [{"name": "."}]}, "job name '.' is not a folder name"),
+    ({"jobs": [{"name": "a", "preset": 5}]}, "\"preset\" must be a preset name or .json file, got 5"),
+    ({"jobs": [{"name": "a", "set": None}]}, "\"set\" must be a list of \"KEY=VALUE\" strings, got null"),
+    ({"jobs": [{"name": "a", "set": [1, 2]}]}, "\"set\" must be a list of \"KEY=VALUE\" strings, got [1, 2]"),
+    ({"jobs": [{"name": "a", "set": "model.depth=2"}]}, "\"set\" must be a list"),
+    ({"jobs": [{"name": "a", "seed": "0"}]}, "\"seed\" must be a number"),
+    ({"jobs": [{"name": "a", "protocol": 1}]}, "\"protocol\" must be seed or fer2013"),
+], ids=["dotdot", "dot", "preset-number", "set-null", "set-numbers", "set-string", "seed-string", "protocol-number"])
+def test_a_plan_with_a_job_that_cannot_be_trained_is_one_line_before_anything_runs(tmp_path, capsys, plan, message):
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    rc = main(["train", "--jobs", str(path), "--output", str(tmp_path / "runs"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and message in err and "\n" not in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("binary", "is not UTF-8 text"), ("latin-1", "is not UTF-8 text"), ("folder", "is a folder"),
+    ("unreadable", "cannot read plan"), ("deep", "nested too deeply"),
+])
+def test_a_plan_file_that_is_not_a_plan_is_one_line(tmp_path, capsys, monkeypatch, kind, message):
+    import errno
+    import pathlib
+
+    path = tmp_path / "plan.json"
+    if kind == "binary":
+        path.write_bytes(bytes(range(256)))
+    elif kind == "latin-1":
+        path.write_bytes('{"jobs": [{"name": "caf\u00e9"}]}'.encode("latin-1"))
+    elif kind == "folder":
+        path.mkdir()
+    elif kind == "deep":
+        path.write_text("[" * 100_000 + "]" * 100_000)
+    else:  # chmod 000 does not stop root, who runs these tests: the refusal a read answers instead
+        path.write_text('{"jobs": [{"name": "a"}]}')
+        real = pathlib.Path.read_bytes
+        monkeypatch.setattr(pathlib.Path, "read_bytes", lambda self: (_ for _ in ()).throw(
+            PermissionError(errno.EACCES, "Permission denied")) if self == path else real(self))
+    rc = main(["train", "--jobs", str(path), "--output", str(tmp_path / "runs"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and message in err and "\n" not in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+# a job that says which signal stopped it, as `fervit train` does when it checkpoints on SIGTERM
+STOPPABLE = """
+import signal, sys, time
+from pathlib import Path
+def stop(signum, frame):
+    Path(sys.argv[1]).write_text(signal.Signals(signum).name)
+    sys.exit(75)
+signal.signal(signal.SIGTERM, stop)
+print("started", flush=True)
+for _ in range(600):
+    time.sleep(0.1)
+"""
+
+
+def children_of(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads a process's children from /proc (Linux)")
+@pytest.mark.timeout(120)
+def test_sigterm_to_the_parent_is_passed_on_to_every_job_and_waited_for(tmp_path):
+    # issue 21: SIGTERM to the parent of --seeds / sweep --workers left the children training
+    import signal
+    import subprocess
+    import time
+
+    script = ("import sys\nfrom pathlib import Path\nfrom fervit.training.parallel import Job, run_jobs\n"
+              f"stoppable = {STOPPABLE!r}\n"
+              "jobs = [Job(f'j{i}', [sys.executable, '-c', stoppable, str(Path(sys.argv[1]) / f'j{i}.sig')],"
+              " Path(sys.argv[1]) / f'j{i}.log') for i in range(2)]\n"
+              "try:\n    run_jobs(jobs, 2, progress=None)\n"
+              "except Exception as e:\n    print(f'fervit: error: {e}', file=sys.stderr); sys.exit(e.exit_code)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not all(
+                (tmp_path / f"j{i}.log").is_file() and "started" in (tmp_path / f"j{i}.log").read_text()
+                for i in range(2)):
+            time.sleep(0.1)
+        kids = children_of(parent.pid)
+        assert len(kids) == 2, "the jobs did not start"
+        parent.send_signal(signal.SIGTERM)
+        _, err = parent.communicate(timeout=60)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    assert parent.returncode == 128 + signal.SIGTERM
+    assert err.strip().startswith("fervit: error: stopped by SIGTERM: passed it on") and "\n" not in err.strip()
+    assert all((tmp_path / f"j{i}.sig").read_text() == "SIGTERM" for i in range(2))  # each job got it itself
+    assert not any(Path(f"/proc/{k}").exists() for k in kids)  # and the parent waited: none left as an orphan
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads a process's children from /proc (Linux)")
+@pytest.mark.timeout(180)
+def test_sigterm_to_fervit_train_seeds_leaves_no_job_training(tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    root = make_layout(tmp_path / "fer")
+    parent = subprocess.Popen([sys.executable, "-m", "fervit", "train", "--seeds", "0,1", "--data", str(root),
+                               "--output", str(tmp_path / "runs"), *COMMON[:6], "--epochs", "500", "--quiet",
+                               "--set", "train.threads=1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not list((tmp_path / "runs").rglob("training_metrics.csv")):
+            time.sleep(0.2)  # a job that has finished an epoch is training, with its stop handler in place
+        kids = children_of(parent.pid)
+        assert kids, "the jobs did not start"
+        parent.send_signal(signal.SIGTERM)
+        _, err = parent.communicate(timeout=120)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    assert parent.returncode == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines()[-1].startswith("fervit: error: stopped by SIGTERM")
+    assert not any(Path(f"/proc/{k}").exists() for k in kids)

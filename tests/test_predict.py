@@ -223,3 +223,30 @@ def test_onnx_backend_without_an_export_says_how_to_make_one(capsys, checkpoint,
     assert main(["predict", str(real_data / "test" / FACES[0][0]), "--model", str(checkpoint),
                  "--backend", "onnx"]) == 2
     assert "run `fervit export" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["the input folder", "the input file's folder"])
+def test_annotate_into_a_folder_of_inputs_is_refused_before_anything_is_written(capsys, checkpoint, real_data,
+                                                                                 tmp_path, where):
+    # issue 21: `predict photos/ --annotate photos/` replaced every input photo with its annotated copy
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name, *_ in FACES[:2]:
+        (photos / Path(name).name).write_bytes((real_data / "test" / name).read_bytes())
+    before = {p.name: p.read_bytes() for p in photos.iterdir()}
+    target = str(photos) if where == "the input folder" else str(photos / Path(FACES[0][0]).name)
+    assert main(["predict", target, "--model", str(checkpoint), "--annotate", str(photos) + "/"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--annotate folder '{photos}' holds input photos" in err and "\n" not in err
+    assert {p.name: p.read_bytes() for p in photos.iterdir()} == before
+
+
+def test_annotate_never_replaces_a_file_already_in_the_folder(capsys, checkpoint, real_data, tmp_path):
+    face = real_data / "test" / FACES[0][0]
+    out_dir = tmp_path / "annotated"
+    out_dir.mkdir()
+    (out_dir / face.name).write_bytes(b"someone's file")
+    assert main(["predict", str(face), "--model", str(checkpoint), "--annotate", str(out_dir)]) == 0
+    assert (out_dir / face.name).read_bytes() == b"someone's file"
+    copy = out_dir / f"{face.stem}_2{face.suffix}"
+    assert Image.open(copy).size == Image.open(face).size

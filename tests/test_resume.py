@@ -450,3 +450,94 @@ def test_a_hand_edited_checkpoint_is_one_line_naming_the_file_and_how_to_start_o
     folder = re.escape(str(damaged_run / LAST_DIR))
     assert re.fullmatch(f"fervit: error: the checkpoint in {folder} is damaged: {problem}; delete {folder} to start "
                         "the run over from epoch 1\n", err), err
+
+
+@pytest.mark.parametrize("kind", ["link to a file", "dangling link", "hard link"])
+def test_a_lock_file_that_is_a_link_is_refused_and_never_written_through(kind, stopped_run, tmp_path, capsys):
+    # issue 21: `ln -s FILE RUN/.lock` truncated FILE and wrote "PID n on host" into it
+    target = tmp_path / "precious.txt"
+    lock = stopped_run / LOCK_FILE
+    lock.unlink(missing_ok=True)
+    if kind != "dangling link":
+        target.write_text("keep me\n")
+    if kind == "hard link":
+        os.link(target, lock)
+    else:
+        lock.symlink_to(target)
+    before = snapshot(stopped_run)
+    assert main(["train", "--resume", str(stopped_run), "--epochs", "5", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"fervit: error: {lock} is ") and "remove it and run this again" in err and "\n" not in err
+    if kind == "dangling link":
+        assert not target.exists()  # no file appears outside the run folder
+    else:
+        assert target.read_text() == "keep me\n"
+    assert snapshot(stopped_run) == before
+
+
+def read_only(monkeypatch, folder: Path, lock_too: bool = True) -> None:
+    """Make `folder` refuse writes as a read-only folder does for a normal user (the tests run as root, whom
+    chmod does not stop): new files, new folders and opening a file for writing fail with EACCES. With
+    `lock_too=False` the existing .lock still opens, as when only the folder itself is read-only."""
+    import errno
+    import tempfile
+
+    real_open, real_mkstemp, real_mkdir = os.open, tempfile.mkstemp, Path.mkdir
+    inside = lambda p: Path(os.path.abspath(p)).is_relative_to(folder)  # noqa: E731
+
+    def denied(p):
+        return PermissionError(errno.EACCES, "Permission denied", str(p))
+
+    def ro_open(p, flags, *args, **kwargs):
+        writes = flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+        if writes and inside(p) and (lock_too or Path(p).name != LOCK_FILE):
+            raise denied(p)
+        return real_open(p, flags, *args, **kwargs)
+
+    def ro_mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and inside(dir):
+            raise denied(dir)
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    def ro_mkdir(self, *args, **kwargs):
+        if inside(self) and not self.exists():
+            raise denied(self)
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", ro_open)
+    monkeypatch.setattr(tempfile, "mkstemp", ro_mkstemp)
+    monkeypatch.setattr(Path, "mkdir", ro_mkdir)
+
+
+# issue 21: a read-only run folder ended in a traceback
+@pytest.mark.parametrize("lock_too, says", [(True, "cannot lock the run folder"), (False, "cannot write '")],
+                         ids=["lock-refused", "lock-kept-writes-refused"])
+def test_resuming_a_read_only_run_folder_is_one_line_and_changes_nothing(stopped_run, monkeypatch, capsys,
+                                                                         lock_too, says):
+    before = snapshot(stopped_run)
+    read_only(monkeypatch, stopped_run, lock_too)
+    assert main(["train", "--resume", str(stopped_run), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fervit: error: ") and says in err and "Permission denied" in err and "\n" not in err, err
+    monkeypatch.undo()
+    after = snapshot(stopped_run)
+    if not lock_too:  # a writable .lock is the one file a resume writes before anything else
+        before.pop(Path(LOCK_FILE)), after.pop(Path(LOCK_FILE))
+    assert after == before
+
+
+@pytest.mark.parametrize("where", ["--output", "--run-dir"])
+def test_a_new_run_under_a_read_only_folder_is_one_line(layout, tmp_path, monkeypatch, capsys, where):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    read_only(monkeypatch, ro)
+    argv = run_dir_argv(ro / "run", layout)
+    if where == "--output":
+        i = argv.index("--run-dir")
+        del argv[i:i + 2]
+        argv[argv.index("--output") + 1] = str(ro)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fervit: error: cannot ") and "Permission denied" in err and "\n" not in err, err
+    monkeypatch.undo()
+    assert list(ro.iterdir()) == []

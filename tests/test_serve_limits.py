@@ -135,3 +135,116 @@ def test_an_empty_upload_is_a_400_and_the_schema_says_so(tmp_path):
     file_field = spec["components"]["schemas"][body.rsplit("/", 1)[1]]["properties"]["file"]
     assert file_field["minLength"] == 1
     assert "400" in spec["paths"]["/predict"]["post"]["responses"]
+
+
+SLOW_CLIENTS = 5
+UPLOAD_TIMEOUT_S = 1.0
+
+
+@pytest.fixture
+def deadline_server(tmp_path):
+    """The real app under `fervit serve`'s server (deadline protocol, 1 s limit) on 127.0.0.1, in a thread."""
+    import socket
+
+    import uvicorn
+
+    from fervit.serve.server import server_config
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    app = create_app(Predictor.load(make_checkpoint(tmp_path / "run")))
+    server = uvicorn.Server(server_config(app, upload_timeout_s=UPLOAD_TIMEOUT_S, lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    yield sock.getsockname()[1]
+    server.should_exit = True
+    thread.join(timeout=10)
+    sock.close()
+
+
+def trickle_until_dropped(port: int, first: bytes, limit_s: float) -> tuple[bytes, float]:
+    """Send `first`, then one byte every 0.1 s, as a slow client does; (what the server answered, seconds
+    until it closed the connection), or (answer, inf) when it was still open after `limit_s`."""
+    import socket
+
+    conn = socket.create_connection(("127.0.0.1", port), timeout=5)
+    conn.settimeout(0.1)
+    t0, answer = time.monotonic(), b""
+    try:
+        conn.sendall(first)
+        while time.monotonic() - t0 < limit_s:
+            try:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return answer, time.monotonic() - t0
+                answer += chunk
+            except socket.timeout:
+                pass
+            except ConnectionResetError:  # dropped; a reset may also discard the answer, which is then b""
+                return answer, time.monotonic() - t0
+            try:
+                conn.send(b"x")
+            except OSError:  # reset by the server: it dropped us
+                return answer, time.monotonic() - t0
+        return answer, float("inf")
+    finally:
+        conn.close()
+
+
+@pytest.mark.timeout(60)
+def test_slow_clients_get_408_and_are_dropped_while_others_are_served(deadline_server):
+    # issue 21: 1,500 slow connections stayed open for as long as they liked
+    port = deadline_server
+    slow_headers = b"POST /predict HTTP/1.1\r\nhost: 127.0.0.1\r\nx-slow: "
+    slow_body = (b"POST /predict HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: multipart/form-data; boundary=b\r\n"
+                 b"content-length: 100000\r\n\r\n--b\r\n")
+    with ThreadPoolExecutor(SLOW_CLIENTS + 1) as pool:
+        slow = [pool.submit(trickle_until_dropped, port, slow_headers if i % 2 else slow_body, 10 * UPLOAD_TIMEOUT_S)
+                for i in range(SLOW_CLIENTS)]
+        # meanwhile a client that sends its request at once is answered as usual
+        face = io.BytesIO()
+        Image.new("L", (48, 48), 128).save(face, "PNG")
+        served = httpx.post(f"http://127.0.0.1:{port}/predict", files={"file": ("a.png", face.getvalue(), "image/png")},
+                            timeout=30)
+        results = [f.result(timeout=30) for f in slow]
+    assert served.status_code == 200
+    for answer, seconds in results:
+        assert seconds < 5 * UPLOAD_TIMEOUT_S, "a slow client was not dropped"
+        assert seconds >= UPLOAD_TIMEOUT_S * 0.9
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:100]
+    assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200  # and the server lives on
+
+
+@pytest.mark.timeout(60)
+def test_a_kept_alive_connection_gets_the_limit_again_for_its_next_request(deadline_server):
+    import socket
+
+    port = deadline_server
+    conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        conn.sendall(b"GET /health HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+        first = conn.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200")
+        conn.sendall(b"GET /health HTTP/1.1\r\nhost: 127.0.0.1\r\nx-slow: ")  # the next request never ends
+        t0, answer = time.monotonic(), b""
+        while time.monotonic() - t0 < 10 * UPLOAD_TIMEOUT_S:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408") and time.monotonic() - t0 < 5 * UPLOAD_TIMEOUT_S
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+def test_an_upload_timeout_that_means_nothing_is_one_line(capsys, value):
+    from fervit.cli import main
+
+    assert main(["serve", "--upload-timeout", value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--upload-timeout must be a number of seconds above 0" in err and "\n" not in err

@@ -60,3 +60,91 @@ def test_a_run_whose_results_are_damaged_is_refused_in_one_line(ship, tiny_layou
     err = capsys.readouterr().err.strip()
     assert err.startswith("ship_model: error:") and "results.json" in err and "\n" not in err
     assert not (tmp_path / "assets").exists()
+
+
+@pytest.fixture(scope="module")
+def shipped(ship, tmp_path_factory):
+    """A finished fer2013 run and the model shipped from it: (run, dest, {file: bytes} of dest)."""
+    from conftest import make_layout
+
+    base = tmp_path_factory.mktemp("ship")
+    layout = make_layout(base / "fer")
+    run = tiny_run(layout, base, "fer2013")
+    dest = base / "assets"
+    assert ship([str(run), "--dest", str(dest), "--data", str(layout)]) == 0
+    return run, layout, dest, {p.name: p.read_bytes() for p in dest.iterdir()}
+
+
+def damage_results(**fields):
+    def damage(run):
+        results = json.loads((run / "results.json").read_text())
+        results.update(fields)
+        (run / "results.json").write_text(json.dumps(results))
+    return damage
+
+
+def write(name, text):
+    return lambda run: (run / name).write_text(text)
+
+
+# issue 21: each of these replaced model.safetensors, model.json, confusion_matrix.png and train_config.json of
+# the shipped model and kept the old card
+DAMAGES = {
+    "metrics damaged": (write("training_metrics.csv", "epoch,lr,train_loss,train_acc,val_loss,val_acc,seconds\n"
+                                                     "1,x,1,1,1,1,1\n"), "training_metrics.csv' is damaged"),
+    "metrics missing": (lambda run: (run / "training_metrics.csv").unlink(), "training_metrics.csv' is missing"),
+    "metrics empty": (write("training_metrics.csv", "epoch,lr,train_loss,train_acc,val_loss,val_acc,seconds\n"),
+                      "holds no epochs"),
+    "results {}": (write("results.json", "{}"), "'params' must be a int"),
+    "params a string": (damage_results(params="many"), "'params' must be a int, got 'many'"),
+    "split_sizes a list": (damage_results(split_sizes=[1, 2]), "'split_sizes' must be a dict"),
+    "split size a string": (damage_results(split_sizes={"train": "a", "val": 1, "test": 1}), "split_sizes.train"),
+    "wall_seconds a string": (damage_results(wall_seconds="long"), "'wall_seconds' must be a int or float"),
+    "device a number": (damage_results(device=5), "'device' must be a str, got 5"),
+    "best_epoch a string": (damage_results(best_epoch="3"), "'best_epoch' must be a int"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGES))
+def test_a_damaged_run_is_refused_before_anything_in_dest_changes(ship, shipped, tmp_path, capsys, case):
+    import shutil
+
+    good_run, layout, good_dest, before = shipped
+    run, dest = tmp_path / good_run.name, tmp_path / "assets"
+    shutil.copytree(good_run, run)
+    shutil.copytree(good_dest, dest)
+    damage, says = DAMAGES[case]
+    damage(run)
+    assert ship([str(run), "--dest", str(dest), "--data", str(layout), "--provenance", "new card"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ship_model: error:") and says in err and "\n" not in err, err
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == before  # all or nothing: nothing, no staging left
+
+
+def test_a_dest_that_is_a_file_is_one_line(ship, shipped, tmp_path, capsys):
+    run, layout, _, _ = shipped
+    dest = tmp_path / "assets"
+    dest.write_text("not a folder")
+    assert ship([str(run), "--dest", str(dest), "--data", str(layout)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--dest" in err and "is a file" in err and "\n" not in err
+    assert dest.read_text() == "not a folder"
+
+
+def test_a_read_only_dest_is_one_line_and_left_as_it_was(ship, shipped, tmp_path, capsys, monkeypatch):
+    import errno
+    import shutil
+    import tempfile
+
+    run, layout, good_dest, before = shipped
+    dest = tmp_path / "assets"
+    shutil.copytree(good_dest, dest)
+
+    def read_only(*args, **kwargs):  # what a read-only folder answers; chmod cannot show it, the tests run as root
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    assert ship([str(run), "--dest", str(dest), "--data", str(layout)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot write into --dest" in err and "Permission denied" in err and "\n" not in err
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == before

@@ -113,6 +113,34 @@ def test_a_space_with_an_unknown_key_fails_before_any_training(layout, tmp_path)
         load_space(bad)
 
 
+# issue 21: each of these was a traceback (or a trial that trained on a value its key cannot mean)
+@pytest.mark.parametrize("space, message", [
+    ({"optim.lr": {"low": 1e-2, "high": 1e-4}}, "\"low\" (0.01) is above \"high\" (0.0001)"),
+    ({"model.depth": {"low": 4, "high": 2}}, "\"low\" (4) is above \"high\" (2)"),
+    ({"model.dropout": {"choices": [0.1, 1.5]}}, "can draw 1.5: config key 'model.dropout' must be"),
+    ({"optim.label_smoothing": {"low": 0.0, "high": 2.0}}, "can draw 2.0: config key 'optim.label_smoothing'"),
+    ({"optim.class_weights": {"choices": ["none", "inverse"]}}, "can draw 'inverse'"),
+    ({"model.depth": {"choices": []}}, "\"choices\" must be a non-empty list, got []"),
+    ({"model.depth": {"choices": 4}}, "\"choices\" must be a non-empty list, got 4"),
+    ({"optim.lr": {"low": "a", "high": 1}}, "must be numbers"),
+    ({"optim.lr": {"low": 0, "high": 1e-3, "log": True}}, "a log scale needs \"low\" above 0"),
+    ({"augment.strength": {"low": -1, "high": 1}}, "is not a strength of 0 or more"),
+    ({"model.mlp_ratio": {"choices": [0, 2]}}, "is not a ratio above 0"),
+], ids=["lr-reversed", "depth-reversed", "choice-out-of-range", "high-out-of-range", "choice-not-a-name",
+        "empty-choices", "choices-not-a-list", "bounds-not-numbers", "log-from-zero", "strength-negative",
+        "mlp-ratio-zero"])
+def test_a_space_that_cannot_be_drawn_from_is_one_line_before_anything_is_written(layout, tmp_path, capsys,
+                                                                                    space, message):
+    path = tmp_path / "space.json"
+    path.write_text(json.dumps(space))
+    for workers in ("1", "2"):
+        rc = main(["sweep", "--preset", "tiny", "--data", str(layout), "--device", "cpu", "--space", str(path),
+                   "--output", str(tmp_path / "sweeps"), "--workers", workers])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and message in err and "\n" not in err, err
+    assert not (tmp_path / "sweeps").exists()
+
+
 def test_a_storage_that_is_not_a_database_url_is_one_clear_error(layout, tmp_path, capsys):
     code = main(["sweep", "--preset", "tiny", "--data", str(layout), "--storage", "not-a-url", "--output",
                  str(tmp_path)])

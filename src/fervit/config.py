@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import typing
@@ -49,11 +50,12 @@ class AugmentConfig:
 
     def scaled(self, strength: float) -> AugmentConfig:
         """A copy with every geometric and photometric amount times `strength` (0: none, 1: as is); the
-        crop keeps at least 5% of the area and erasing stays a probability."""
+        crop keeps at least 5% of the area, erasing stays a probability, and every amount stays inside its
+        RANGES entry (so the run's config.json reads back)."""
         lo, hi = self.scale
         return dataclasses.replace(
-            self, rotation=self.rotation * strength, translate=self.translate * strength,
-            brightness=self.brightness * strength, contrast=self.contrast * strength,
+            self, rotation=min(self.rotation * strength, 180.0), translate=min(self.translate * strength, 1.0),
+            brightness=min(self.brightness * strength, 1.0), contrast=min(self.contrast * strength, 1.0),
             erase_p=min(self.erase_p * strength, 1.0), scale=(min(max(1 - (1 - lo) * strength, 0.05), hi), hi))
 
 
@@ -176,10 +178,14 @@ LEGACY_VALUES = {"train.tta": {False: "none", True: "mirror", "false": "none", "
                  "train.channels_last": {False: "off", True: "on", "false": "off", "true": "on"}}
 
 
-# the numbers with a meaningful range: (low, high, what it says), each bound inclusive unless its name says so
+# Every number with a meaningful range: key -> (low, high, what it says, flags), each bound inclusive unless a
+# flag says so. Flags: open_low / open_high / open_both (a bound excluded), pair (two values, the first at most
+# the second: a range drawn from), nonempty (a list that needs at least one value). Tuples are checked value by
+# value. Beyond these, NaN and infinity are refused for every float key (`_coerce`).
 RANGES = {
     "optim.lr": (0.0, None, "above 0", "open_low"),
     "optim.weight_decay": (0.0, None, "0 or more", ""),
+    "optim.betas": (0.0, 1.0, "two values in [0, 1)", "open_high"),
     "optim.momentum": (0.0, 1.0, "in [0, 1)", "open_high"),
     "optim.warmup_epochs": (0.0, None, "0 or more", ""),
     "optim.min_lr_ratio": (0.0, 1.0, "in [0, 1]", ""),
@@ -193,24 +199,79 @@ RANGES = {
     "train.eval_batch_size": (1, None, "at least 1", ""),
     "train.time_budget_s": (0.0, None, "0 (off) or more", ""),
     "train.early_stop_patience": (0, None, "0 (off) or more", ""),
+    "train.threads": (0, None, "0 (torch's default) or more", ""),
     "augment.hflip": (0.0, 1.0, "a probability in [0, 1]", ""),
+    "augment.rotation": (0.0, 180.0, "in [0, 180] degrees", ""),
+    "augment.translate": (0.0, 1.0, "a fraction of the image in [0, 1]", ""),
+    "augment.scale": (0.0, 1.0, "two area fractions in (0, 1], the smaller first", "open_low pair"),
+    "augment.ratio": (0.0, None, "two aspect ratios above 0, the smaller first", "open_low pair"),
+    "augment.brightness": (0.0, 1.0, "in [0, 1] (the factor is drawn from [1-b, 1+b])", ""),
+    "augment.contrast": (0.0, 1.0, "in [0, 1] (the factor is drawn from [1-c, 1+c])", ""),
     "augment.erase_p": (0.0, 1.0, "a probability in [0, 1]", ""),
+    "augment.erase_scale": (0.0, 1.0, "two area fractions in (0, 1], the smaller first", "open_low pair"),
+    "augment.erase_ratio": (0.0, None, "two aspect ratios above 0, the smaller first", "open_low pair"),
     "augment.mix_p": (0.0, 1.0, "a probability in [0, 1]", ""),
     "augment.mixup_alpha": (0.0, None, "0 (off) or more", ""),
     "augment.cutmix_alpha": (0.0, None, "0 (off) or more", ""),
     "data.val_fraction": (0.0, 1.0, "in (0, 1)", "open_both"),
+    # FER-2013 faces are decoded to 48x48 grayscale and there are 7 classes: a model for anything else cannot
+    # be trained on them (model.crop_size trains on smaller crops; model.input_size resizes inside a timm model)
+    "model.img_size": (48, 48, "48, the size of FER-2013's faces (model.crop_size trains on smaller crops)", ""),
+    "model.in_chans": (1, 1, "1: FER-2013's faces are grayscale", ""),
+    "model.num_classes": (7, 7, "7, the FER-2013 classes", ""),
+    "model.patch_size": (1, None, "at least 1", ""),
+    "model.embed_dim": (1, None, "at least 1", ""),
+    "model.depth": (0, None, "0 or more", ""),
+    "model.num_heads": (1, None, "at least 1", ""),
+    "model.mlp_dim": (1, None, "at least 1", ""),
+    "model.dropout": (0.0, 1.0, "a probability in [0, 1)", "open_high"),
+    "model.attn_dropout": (0.0, 1.0, "a probability in [0, 1)", "open_high"),
+    "model.drop_path": (0.0, 1.0, "a probability in [0, 1)", "open_high"),
+    "model.head_hidden": (0, None, "0 (a single linear head) or more", ""),
+    "model.stem_channels": (1, None, "one or more channel counts, each at least 1", "nonempty"),
+    "model.stem_convs": (1, None, "at least 1", ""),
+    "model.stem_blocks": (1, None, "at least 1", ""),
+    "model.crop_size": (0, None, "0 (no crop) or more", ""),
+    "model.input_size": (0, None, "0 (img_size) or more", ""),
 }
+
+
+def _range_of(key: str):
+    """The RANGES entry of `key` (also when it is prefixed, e.g. a sweep's or a model file's), else None."""
+    for suffix, spec in RANGES.items():
+        if key == suffix or key.endswith("." + suffix):
+            return spec
+    return None
 
 
 def _check_range(value, key: str):
     """A one-line error when a number is outside what its key can mean (see RANGES)."""
-    for suffix, (low, high, says, openness) in RANGES.items():
-        if key == suffix or key.endswith("." + suffix):
-            too_low = low is not None and (value < low or (value == low and openness in ("open_low", "open_both")))
-            too_high = high is not None and (value > high or (value == high and openness in ("open_high", "open_both")))
-            if too_low or too_high:
-                raise FervitError(f"config key '{key}' must be {says}, got {value!r}")
+    spec = _range_of(key)
+    if spec is not None:
+        low, high, says, flags = spec
+        flags = flags.split()
+        open_low, open_high = "open_low" in flags or "open_both" in flags, "open_high" in flags or "open_both" in flags
+        too_low = low is not None and (value < low or (value == low and open_low))
+        too_high = high is not None and (value > high or (value == high and open_high))
+        if too_low or too_high:
+            raise FervitError(f"config key '{key}' must be {says}, got {value!r}")
     return value
+
+
+def _check_tuple(values: tuple, hint, key: str) -> tuple:
+    """A one-line error for a tuple of the wrong length, an empty one that needs values, or a pair given the
+    wrong way round (see RANGES)."""
+    args = typing.get_args(hint)
+    spec = _range_of(key)
+    flags = spec[3].split() if spec else []
+    says = f" ({spec[2]})" if spec else ""
+    if Ellipsis not in args and len(values) != len(args):
+        raise FervitError(f"config key '{key}' takes {len(args)} values{says}, got {len(values)}: {list(values)}")
+    if "nonempty" in flags and not values:
+        raise FervitError(f"config key '{key}' must be {spec[2]}, got none")
+    if "pair" in flags and values[0] > values[1]:
+        raise FervitError(f"config key '{key}' must be {spec[2]}, got {list(values)}")
+    return values
 
 
 def _coerce(value, hint, key: str):
@@ -228,9 +289,10 @@ def _coerce(value, hint, key: str):
     if origin is tuple:
         if isinstance(value, str):
             value = [v for v in value.strip("()[] ").split(",") if v.strip()]
-        args = typing.get_args(hint)
-        inner = args[0]
-        return tuple(_coerce(v, inner, key) for v in value)
+        if not isinstance(value, (list, tuple)):
+            raise FervitError(f"config key '{key}' takes a list of values such as [1, 2], got {value!r}")
+        inner = typing.get_args(hint)[0]
+        return _check_tuple(tuple(_coerce(v, inner, key) for v in value), hint, key)
     try:
         if hint is bool:
             if isinstance(value, str):
@@ -244,9 +306,12 @@ def _coerce(value, hint, key: str):
                 raise ValueError
             return _check_range(int(value), key)
         if hint is float:
-            return _check_range(float(value), key)
+            number = float(value)
+            if not math.isfinite(number):  # NaN passes every comparison, so it would slip through RANGES
+                raise FervitError(f"config key '{key}' must be a finite number, got {value!r}")
+            return _check_range(number, key)
         return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int() of an infinite JSON number
         raise FervitError(f"config key '{key}' expects a {hint.__name__}, got {value!r}") from None
 
 

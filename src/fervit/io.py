@@ -24,6 +24,14 @@ class DiskFullError(FervitError, OSError):
         return self.strerror
 
 
+class WriteError(FervitError, OSError):
+    """A write refused by the system (a read-only folder or filesystem, a missing folder, ...): one line naming
+    the file, still an OSError for callers that go on without the file (e.g. the decode cache)."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
 def _umask() -> int:
     try:  # Linux says it without changing it (setting it is process-wide, so racy under threads)
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -34,6 +42,22 @@ def _umask() -> int:
     mask = os.umask(0o022)  # elsewhere the only way to read it is to set it; put it straight back
     os.umask(mask)
     return mask
+
+
+def make_folder(path: str | os.PathLike, exist_ok: bool = True) -> Path:
+    """`path` made (with its parents); a one-line WriteError when the system refuses, e.g. a read-only folder."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=exist_ok)
+    except FileExistsError:
+        if exist_ok or not path.exists():  # exists but is not a folder
+            raise WriteError(errno.EEXIST, f"cannot make the folder '{path}': a file of that name is in the way",
+                             str(path)) from None
+        raise
+    except OSError as e:
+        raise WriteError(e.errno, f"cannot make the folder '{path}' ({e.strerror or e}); make its parent writable "
+                                  "or pick another folder", str(path)) from None
+    return path
 
 
 @contextlib.contextmanager
@@ -63,9 +87,10 @@ def atomic_write(path: str | os.PathLike, mode: str = "w"):
 
 
 def _disk_full(e: OSError, path: Path) -> OSError:
-    """ENOSPC/EDQUOT as a one-line DiskFullError naming the file; any other OSError unchanged."""
+    """ENOSPC/EDQUOT as a one-line DiskFullError naming the file; any other OSError as a one-line WriteError."""
     if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-        return e
+        return WriteError(e.errno, f"cannot write '{path}' ({e.strerror or e}); fervit needs to write in "
+                                   f"'{path.parent}', so make it writable or pick another folder", str(path))
     return DiskFullError(e.errno, f"no space left on the device to write '{path}' ({e.strerror}); free some "
                                   "space (or pick another folder) and run again", str(path))
 

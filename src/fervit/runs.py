@@ -11,7 +11,7 @@ from pathlib import Path
 
 from fervit.config import RunConfig
 from fervit.errors import FervitError
-from fervit.io import atomic_write
+from fervit.io import atomic_write, make_folder
 
 METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")
 OPTIONAL_METRIC_FIELDS = ("test_acc",)  # train.log_test
@@ -41,13 +41,11 @@ def make_run_dir(output: str | Path, cfg: RunConfig) -> Path:
     else:
         shape = f"ed{m.embed_dim}_d{m.depth}_h{m.num_heads}"
     base = f"{time.strftime('%Y%m%d_%H%M%S')}_{m.name}_{shape}_lr{cfg.optim.lr:g}"
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_folder(output)
     for n in range(1, 1000):
         path = out / (base if n == 1 else f"{base}_{n}")
         try:
-            path.mkdir()
-            return path
+            return make_folder(path, exist_ok=False)
         except FileExistsError:
             continue
     raise RuntimeError(f"could not create a unique run folder under {out}")

@@ -71,7 +71,31 @@ def load_space(path: str | Path | None) -> dict:
     for key, spec in space.items():
         if not isinstance(spec, dict) or not ("choices" in spec or {"low", "high"} <= set(spec)):
             raise FervitError(f"search space entry '{key}' needs \"choices\": [...] or \"low\" and \"high\"")
+        check_spec(key, spec)
     return space
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_spec(key: str, spec: dict) -> None:
+    """A one-line error unless a space entry can be drawn from: a non-empty list of choices, or finite bounds
+    with low <= high (and low > 0 on a log scale). Whether each value fits the key is `check_space`'s part."""
+    if "choices" in spec:
+        if not isinstance(spec["choices"], list) or not spec["choices"]:
+            raise FervitError(f"search space entry '{key}': \"choices\" must be a non-empty list, got "
+                              f"{json.dumps(spec['choices'])}")
+        return
+    low, high = spec["low"], spec["high"]
+    if not (_number(low) and _number(high)):
+        raise FervitError(f"search space entry '{key}': \"low\" and \"high\" must be numbers, got {low!r} and {high!r}")
+    if low > high:
+        raise FervitError(f"search space entry '{key}': \"low\" ({low}) is above \"high\" ({high})")
+    if spec.get("log") and low <= 0:
+        raise FervitError(f"search space entry '{key}': a log scale needs \"low\" above 0, got {low}")
+    if "step" in spec and not (_number(spec["step"]) and spec["step"] > 0):
+        raise FervitError(f"search space entry '{key}': \"step\" must be a number above 0, got {spec['step']!r}")
 
 
 def suggest(trial, space: dict, base: RunConfig) -> dict:
@@ -168,17 +192,17 @@ def run_sweep(base: RunConfig, *, study_name: str = "fervit", storage: str | Non
     from fervit.training.trainer import train
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = DEFAULT_SPACE if space is None else space
+    check_space(space, base)  # a misspelt key or a value out of range fails now, before anything is written
     folder = Path(output) / study_name
     folder.mkdir(parents=True, exist_ok=True)
     url = storage or f"sqlite:///{folder.resolve() / 'study.db'}"
-    space = DEFAULT_SPACE if space is None else space
     if pruner == "median":
         # before the lr warmup ends, accuracies say little about where a trial will end
         pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=math.ceil(base.optim.warmup_epochs))
     elif pruner == "none":
         pruner = optuna.pruners.NopPruner()
     study = open_study(study_name, url, pruner)
-    check_space(space, base)  # a misspelt key fails now, not after the first trial has trained
     if data is None:
         base.data.root = resolve_data_root(base.data.root)
         data = load_fer(base.data.root, base.data.cache_dir or None, base.data.strict, progress=not quiet)
@@ -230,11 +254,21 @@ def run_sweep(base: RunConfig, *, study_name: str = "fervit", storage: str | Non
 
 
 def check_space(space: dict, base: RunConfig) -> None:
-    """One-line errors for keys that are not config fields (or derived ones) and values of the wrong type."""
+    """One-line errors for keys that are not config fields (or derived ones), and for any value the space can
+    draw that its key refuses: every choice, and both bounds of a range (the config's RANGES are checked)."""
     for key, spec in space.items():
-        if key not in DERIVED:
-            value = spec["choices"][0] if "choices" in spec else spec["low"]
-            apply_overrides(copy.deepcopy(base), [f"{key}={value}"])
+        check_spec(key, spec)
+        values = spec["choices"] if "choices" in spec else [spec["low"], spec["high"]]
+        for value in values:
+            if key in DERIVED:
+                if not _number(value) or value < 0 or (key == "model.mlp_ratio" and value == 0):
+                    raise FervitError(f"search space entry '{key}': {value!r} is not a "
+                                      f"{'ratio above 0' if key == 'model.mlp_ratio' else 'strength of 0 or more'}")
+                continue
+            try:
+                apply_overrides(copy.deepcopy(base), [f"{key}={value}"])
+            except FervitError as e:
+                raise FervitError(f"search space entry '{key}' can draw {value!r}: {e}") from None
 
 
 def _safe_url(url: str) -> str:

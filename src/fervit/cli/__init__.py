@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except FervitError as e:
         print(f"fervit: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)  # 2, or 128 + the signal that stopped a parent of jobs
     except KeyboardInterrupt:
         print("fervit: interrupted", file=sys.stderr)
         return 130

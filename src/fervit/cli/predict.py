@@ -51,7 +51,7 @@ def add_parser(sub) -> None:
 
 def run_predict(args) -> int:
     from fervit.errors import FervitError
-    from fervit.inference.annotate import annotated_path, draw_faces
+    from fervit.inference.annotate import draw_faces, save_annotated
     from fervit.inference.predictor import Predictor, expand_inputs, model_line
 
     if args.batch_size < 1:
@@ -75,6 +75,11 @@ def run_predict(args) -> int:
     detect = "never" if args.no_detect else "always" if args.detect else "auto"
     out_dir = Path(args.annotate) if args.annotate else None
     if out_dir is not None:
+        inside = next((name for name, src in sources
+                       if isinstance(src, Path) and src.parent.resolve() == out_dir.resolve()), None)
+        if inside is not None:  # the copies would sit among (and be taken for) the photos they were drawn from
+            raise FervitError(f"--annotate folder '{out_dir}' holds input photos (e.g. '{inside}'); name another "
+                              "folder for the annotated copies")
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
         except FileExistsError:
@@ -87,8 +92,7 @@ def run_predict(args) -> int:
     for res in predictor.predict_sources(sources, detect, args.batch_size, show_bar, len(sources),
                                          keep_images=out_dir is not None):
         if out_dir is not None and res.image is not None:
-            target = annotated_path(out_dir, res.file, used)
-            draw_faces(res.image, res.faces).save(target)
+            save_annotated(draw_faces(res.image, res.faces), out_dir, res.file, used)  # never over a file
             res.image = None  # free the decoded photo as soon as its copy is written
         results.append(res)
     if args.json:

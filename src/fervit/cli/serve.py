@@ -19,6 +19,9 @@ def add_parser(sub) -> None:
                         "(default: %(default)s)")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload")
     p.add_argument("--max-megapixels", type=float, default=25.0, help="largest accepted image, in pixels")
+    p.add_argument("--upload-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="a request (headers and upload) must arrive within this time, else 408 and the client is "
+                        "dropped (default 30)")
     p.set_defaults(func=run_serve)
 
 
@@ -77,11 +80,14 @@ def run_serve(args) -> int:
         import uvicorn
 
         from fervit.serve.app import UploadLimits, create_app
+        from fervit.serve.server import server_config
     except ImportError as e:
         raise FervitError(f"serving needs the serve extra ({e.name} is missing): pip install 'fervit[serve]'") \
             from None
     from fervit.inference.predictor import Predictor, model_line
 
+    if not 0 < args.upload_timeout < float("inf"):  # also NaN
+        raise FervitError(f"--upload-timeout must be a number of seconds above 0, got {args.upload_timeout}")
     sock = bind_port(args.host, args.port)  # first: a busy port fails before the model is loaded
     predictor = Predictor.load(args.model, args.backend, runs_dir=args.runs)
     print(model_line(predictor.source, predictor.meta), file=sys.stderr)
@@ -90,5 +96,5 @@ def run_serve(args) -> int:
     app = create_app(predictor, limits)
     port = sock.getsockname()[1]  # the one chosen for --port 0
     print(f"fervit: serving {predictor.source} ({predictor.backend}) on http://{args.host}:{port}", flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    uvicorn.Server(server_config(app, args.host, port, args.upload_timeout)).run(sockets=[sock])
     return 0

@@ -45,13 +45,14 @@ def add_parser(sub) -> None:
 def run_sweep_command(args) -> int:
     """Exit 0 when the trials ran, EXIT_REQUEUE (75) when a signal stopped the worker."""
     from fervit.config import apply_overrides, load_preset
-    from fervit.sweep import load_space, run_sweep
+    from fervit.sweep import check_space, load_space, run_sweep
     from fervit.training.resume import EXIT_REQUEUE, Preempted
 
     if args.workers < 1:
         raise FervitError(f"--workers must be at least 1, got {args.workers}")
     cfg = load_preset(args.preset)
     apply_overrides(cfg, flag_overrides(args, skip=("output",)))  # --output is where trials go, not a config key
+    check_space(load_space(args.space), cfg)  # before the study or any worker exists
     if args.workers > 1:
         return run_sweep_workers(args)
     try:

@@ -129,11 +129,20 @@ def read_plan(path: str) -> list[dict]:
     from pathlib import Path
 
     try:
-        plan = json.loads(Path(path).read_text())
+        plan = json.loads(Path(path).read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise FervitError(f"plan '{path}' does not exist") from None
+    except IsADirectoryError:
+        raise FervitError(f"plan '{path}' is a folder; give the plan's .json file") from None
+    except OSError as e:
+        raise FervitError(f"cannot read plan '{path}' ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise FervitError(f"plan '{path}' is not UTF-8 text (binary, or another encoding such as Latin-1); a plan is "
+                          "a JSON file") from None
     except json.JSONDecodeError as e:
         raise FervitError(f"plan '{path}' is not valid JSON: {e}") from None
+    except RecursionError:
+        raise FervitError(f"plan '{path}' is nested too deeply to be a plan") from None
     jobs = plan.get("jobs") if isinstance(plan, dict) else None
     if not isinstance(jobs, list) or not jobs:
         raise FervitError(f"plan '{path}' needs a non-empty \"jobs\" list of "
@@ -147,6 +156,21 @@ def read_plan(path: str) -> list[dict]:
             raise FervitError(f"plan '{path}': job '{job['name']}' has unknown keys {sorted(unknown)}")
         if not all(c.isalnum() or c in "-_." for c in job["name"]):
             raise FervitError(f"plan '{path}': job name '{job['name']}' must be letters, digits, - _ or . only")
+        if set(job["name"]) == {"."}:  # `..` trained into --output itself, `.` into the plan's group folder
+            raise FervitError(f"plan '{path}': job name '{job['name']}' is not a folder name (each job trains into "
+                              "a folder of its name); give it letters or digits")
+        for key, kind in (("preset", "a preset name or .json file"), ("protocol", "seed or fer2013")):
+            if key in job and not (isinstance(job[key], str) and job[key]):
+                raise FervitError(f"plan '{path}': job '{job['name']}': \"{key}\" must be {kind}, got "
+                                  f"{json.dumps(job[key])}")
+        if "set" in job and not (isinstance(job["set"], list) and all(isinstance(s, str) for s in job["set"])):
+            raise FervitError(f"plan '{path}': job '{job['name']}': \"set\" must be a list of \"KEY=VALUE\" strings, "
+                              f"got {json.dumps(job['set'])}")
+        for key in ("seed", "budget"):
+            if key in job and (isinstance(job[key], bool) or not isinstance(job[key], (int, float) if key == "budget"
+                                                                           else int)):
+                raise FervitError(f"plan '{path}': job '{job['name']}': \"{key}\" must be a number, got "
+                                  f"{json.dumps(job[key])}")
         names.append(job["name"])
     if len(set(names)) != len(names):
         raise FervitError(f"plan '{path}': job names must be unique")
@@ -203,6 +227,9 @@ def run_train_jobs(args) -> int:
     n = 2
     while group.exists():
         group, n = group.with_name(f"{group.name.rsplit('~', 1)[0]}~{n}"), n + 1
+    from fervit.io import make_folder
+
+    make_folder(group)  # a read-only --output is one line here, before any job starts
     jobs = [train_job(name, argv, group / name) for name, argv in train_args.items()]
     parallel = args.parallel or len(jobs)
     print(f"{len(jobs)} jobs, {min(parallel, len(jobs))} at a time, under {group}", file=sys.stderr)

@@ -128,9 +128,10 @@ def load_fer(root: str | os.PathLike, cache_dir: str | os.PathLike | None = None
         blob = _safetensors_bytes(data)
         with atomic_write(tensors_path, "wb") as f:
             f.write(blob)
+        listing = {"paths": data.paths, "skipped": data.skipped, "skip_examples": examples}
         with atomic_write(meta_path, "w") as f:
-            json.dump({"key": key_digest, "tensors_sha256": hashlib.sha256(blob).hexdigest(), "paths": data.paths,
-                       "skipped": data.skipped, "skip_examples": examples}, f)
+            json.dump({"key": key_digest, "tensors_sha256": hashlib.sha256(blob).hexdigest(),
+                       "listing_sha256": _listing_digest(listing), **listing}, f)
     except OSError as e:
         warnings.warn(f"could not write the data cache in {cache} ({e}); set data.cache_dir to a writable folder",
                       stacklevel=2)
@@ -150,6 +151,12 @@ def _read_cache(tensors_path: Path, meta_path: Path, key_digest: str):
         return None, None, "was written for another file list"
     if hashlib.sha256(blob).hexdigest() != meta.get("tensors_sha256"):
         return None, None, "does not match its checksum (damaged)"
+    # the file list and skip count are data too: an edited `paths` or `skipped` must not be used as is
+    listing = {k: meta.get(k) for k in ("paths", "skipped", "skip_examples")}
+    if meta.get("listing_sha256") is None:
+        return None, None, "has no checksum of its file list (written by an older fervit)"
+    if _listing_digest(listing) != meta["listing_sha256"]:
+        return None, None, "does not match its checksum (its file list or skip count was changed)"
     try:
         t = load(blob)
         data = FerData(t["images"], t["labels"], t["folder"], t["usage"], meta["paths"], int(meta["skipped"]))
@@ -158,6 +165,11 @@ def _read_cache(tensors_path: Path, meta_path: Path, key_digest: str):
     if not (len(data.images) == len(data.labels) == len(data.paths)):
         return None, None, "is inconsistent"
     return data, meta, None
+
+
+def _listing_digest(listing: dict) -> str:
+    """The checksum of a cache's JSON part (file list, skip count, examples), over a canonical encoding."""
+    return hashlib.sha256(json.dumps(listing, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _safetensors_bytes(data: FerData) -> bytes:
@@ -195,6 +207,7 @@ def _scan_folders(root: Path, strict: bool = False):
             examples.append(f"{path.relative_to(root).as_posix()} ({why})")
 
     found_split = False
+    seen: list[Path] = []  # the class folders so far, of both splits
     for fi, split in enumerate(FOLDERS):
         split_dir = next((p for p in _list_dir(root, root) if p.is_dir() and p.name.lower() == split), None)
         if split_dir is None:
@@ -211,6 +224,8 @@ def _scan_folders(root: Path, strict: bool = False):
                 raise FervitError(
                     f"unknown class folder '{class_dir.relative_to(root)}'; known class names: "
                     f"{', '.join(CLASSES)} (also disgust, fear, surprise)")
+            _check_no_overlap(root, split_dir, class_dir, seen)
+            seen.append(class_dir)
             for dirpath, _, files in os.walk(class_dir, onerror=lambda e: unreadable.append(e)):
                 for fname in sorted(files):
                     if fname.startswith("."):
@@ -241,6 +256,25 @@ def _scan_folders(root: Path, strict: bool = False):
         raise FervitError(f"no images found under '{root}'; {LAYOUT_HINT}")
     entries.sort()
     return entries, nonimages, examples
+
+
+def _check_no_overlap(root: Path, split_dir: Path, class_dir: Path, seen: list[Path]) -> None:
+    """A one-line error when a class folder (through a symbolic link) holds the dataset or its split folder, or
+    shares images with a class folder seen before: its images would be read twice, under two labels (or a test
+    image as a training one). `train/happy -> .` read every training image again as "happy", without a word."""
+    real = class_dir.resolve()
+    rel = class_dir.relative_to(root).as_posix()
+    link = f"is a symbolic link to '{real}', which" if class_dir.is_symlink() else ""
+    for holder, what in ((root, "the whole dataset"), (split_dir, f"the {split_dir.name}/ folder")):
+        if real == holder.resolve() or real in holder.resolve().parents:
+            raise FervitError(f"class folder '{rel}' {link or 'is a folder that'} holds {what}, so every image in "
+                              f"it would be read again as '{class_dir.name}'; remove the link")
+    for other in seen:
+        other_real = other.resolve()
+        if real == other_real or real in other_real.parents or other_real in real.parents:
+            raise FervitError(f"class folders '{other.relative_to(root).as_posix()}' and '{rel}' share images (one is "
+                              "a symbolic link to or into the other), so they would be read under both labels; "
+                              "remove the link")
 
 
 def _list_dir(folder: Path, root: Path) -> list[Path]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -39,13 +40,27 @@ def draw_faces(image: Image.Image, faces, prefixes: list[str] | None = None) -> 
 
 
 def annotated_path(out_dir: Path, name: str, used: set[str]) -> Path:
-    """DIR/<input file name>, made unique when two inputs share a name; stdin and odd formats become .png."""
+    """DIR/<input file name>, made unique when two inputs share a name or DIR holds a file of that name already
+    (an existing file is never replaced); stdin and odd formats become .png."""
     src = Path("stdin.png" if name == "-" else name)
     suffix = src.suffix.lower() if src.suffix.lower() in SAVE_SUFFIXES else ".png"
     stem, n = src.stem, 1
     candidate = f"{stem}{suffix}"
-    while candidate in used:
+    while candidate in used or os.path.lexists(out_dir / candidate):
         n += 1
         candidate = f"{stem}_{n}{suffix}"
     used.add(candidate)
     return out_dir / candidate
+
+
+def save_annotated(image: Image.Image, out_dir: Path, name: str, used: set[str]) -> Path:
+    """Write `image` as a new file in `out_dir` (named by `annotated_path`); opened exclusively, so a file that
+    appears meanwhile is not replaced either. Returns its path."""
+    while True:
+        target = annotated_path(out_dir, name, used)
+        try:
+            with open(target, "xb") as f:
+                image.save(f, format=Image.registered_extensions()[target.suffix])
+            return target
+        except FileExistsError:
+            continue

@@ -197,8 +197,16 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike |
     export_onnx(model, meta, out)
     if images is None:
         return out, None
-    classifier, _ = load_onnx(out)
-    report = check_parity(model, classifier, images, labels, meta, 256, progress)
+    try:
+        classifier, _ = load_onnx(out)
+        report = check_parity(model, classifier, images, labels, meta, 256, progress)
+    except FervitError:
+        out.unlink(missing_ok=True)
+        raise
+    except Exception as e:  # a check that cannot run must not leave an unchecked export behind either
+        out.unlink(missing_ok=True)
+        raise FervitError(f"the ONNX export '{out}' could not be checked against PyTorch ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200] if str(e) else ''}); nothing was kept") from None
     if not report.ok:
         out.unlink(missing_ok=True)
         raise FervitError(f"the ONNX export '{out}' disagrees with PyTorch: {report.summary()}; nothing was kept")

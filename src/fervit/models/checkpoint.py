@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save
 from fervit.config import DataConfig, ModelConfig, from_dict
 from fervit.errors import FervitError
 from fervit.io import atomic_write, write_json
-from fervit.models.validate import check_description, check_match, check_model, check_shapes, check_weights
+from fervit.models.validate import (check_description, check_input, check_match, check_model, check_shapes,
+                                   check_weights)
 
 FORMAT = "fervit-model/1"
 WEIGHTS_NAME = "best_model.safetensors"
@@ -123,6 +124,7 @@ class ModelFile:
         except (TypeError, ValueError, FervitError) as e:
             raise FervitError(f"'{source}' is a damaged model description ({e}); re-export the checkpoint") from None
         check_model(meta.model, meta.classes, meta.input.size, source)
+        check_input(meta.input, meta.model, source)
         return meta
 
     @classmethod

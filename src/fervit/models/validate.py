@@ -7,6 +7,7 @@ compared with the tensor shapes in the safetensors header, and only then are the
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -46,6 +47,21 @@ def check_model(cfg: ModelConfig, classes: list[str], input_size: int, source: P
     if input_size != cfg.img_size:
         raise FervitError(f"'{source}' says the input is {input_size} px but its model is built for "
                           f"{cfg.img_size} px images; the two must agree")
+
+
+def check_input(spec, cfg: ModelConfig, source: Path | str) -> None:
+    """A one-line error unless the input normalisation can mean something: a finite mean, a finite std above 0
+    (a std of 0 divides every face by zero, so every prediction is NaN), and the model's channel count."""
+    def finite(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    if not finite(spec.mean):
+        raise FervitError(f"'{source}': input.mean must be a finite number, got {spec.mean!r}")
+    if not finite(spec.std) or spec.std <= 0:
+        raise FervitError(f"'{source}': input.std must be a finite number above 0, got {spec.std!r}")
+    if spec.channels != cfg.in_chans:
+        raise FervitError(f"'{source}': input.channels is {spec.channels!r} but its model takes {cfg.in_chans}; "
+                          "the two must agree")
 
 
 def header_tensors(weights: Path) -> dict[str, tuple[tuple[int, ...], str]]:

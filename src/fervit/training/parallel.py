@@ -13,9 +13,11 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,17 @@ from typing import Callable, TextIO
 from fervit.errors import FervitError
 
 LOG_NAME = "train.log"  # each job's stdout and stderr, kept in its run folder
+PASSED_ON = ("SIGTERM", "SIGHUP")  # stop signals the parent passes on to its jobs (SIGINT reaches them anyway)
+STOP_WAIT_S = 120.0  # how long a stopped job may take to write its checkpoint before it is killed
+
+
+class JobsStopped(FervitError):
+    """A stop signal ended the parent of several jobs; it passed the signal on and waited for every job."""
+
+    def __init__(self, signame: str, signum: int):
+        super().__init__(f"stopped by {signame}: passed it on to the running jobs and waited for them to end; "
+                         "finished jobs keep their run folders, stopped ones their checkpoints")
+        self.exit_code = 128 + signum  # what a shell reports for a process a signal ended
 
 
 @dataclass
@@ -137,6 +150,17 @@ def run_jobs(jobs: list[Job], parallel: int, *, mps: str = "off", progress: Text
     waiting = list(jobs)
     by_name = {j.name: j for j in jobs}
     use_mps = mps != "off" and min(parallel, len(jobs)) > 1
+    stop = {"sig": signal.SIGTERM}
+
+    def stopped(signum, frame):
+        stop["sig"] = signum
+        raise JobsStopped(signal.Signals(signum).name, signum)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # without this, SIGTERM ended the parent alone and
+        for name in PASSED_ON:  # its jobs trained on as orphans
+            if hasattr(signal, name):
+                previous[getattr(signal, name)] = signal.signal(getattr(signal, name), stopped)
     with mps_daemon(use_mps, mps == "on", progress) as mps_env:
         try:
             while waiting or running:
@@ -171,13 +195,21 @@ def run_jobs(jobs: list[Job], parallel: int, *, mps: str = "off", progress: Text
                 display.update(_states(jobs, results, running), force=not running and not waiting)
                 if running:
                     time.sleep(poll_s)
-        finally:  # Ctrl-C or an error here: no orphaned training processes
+        finally:  # Ctrl-C, a stop signal or an error here: no orphaned training processes
+            for sig in previous:  # a second signal must not cut the wait short
+                signal.signal(sig, signal.SIG_IGN)
             for proc, log, _ in running.values():
-                proc.terminate()
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(stop["sig"])  # the job checkpoints and exits, as if it had got it itself
             for proc, log, _ in running.values():
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=30)
+                try:
+                    proc.wait(timeout=STOP_WAIT_S)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
                 log.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     return [results[j.name] for j in jobs]
 
 

@@ -24,6 +24,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -137,11 +138,23 @@ class RunLock:
         """'' once locked (or where locks do not work); else the error that names the holder."""
         if fcntl is None:
             return ""
+        path = run_dir / LOCK_FILE
         try:
-            f = os.fdopen(os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666), "r+", encoding="utf-8",
-                          errors="replace")
+            # O_NOFOLLOW: a .lock that is a symbolic link (dangling or not) is refused, never followed, so its
+            # target is not truncated and no file appears outside the run folder
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0),
+                         0o666)
         except OSError as e:
+            if path.is_symlink():
+                return (f"{path} is a symbolic link, which fervit does not follow (it would overwrite what it points "
+                        "to); remove it and run this again")
             return f"cannot lock the run folder {run_dir} ({e.strerror}); training needs to write in it"
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:  # a FIFO or device; or a hard link to another file
+            os.close(fd)
+            what = "a hard link to another file" if stat.S_ISREG(st.st_mode) else "a special file"
+            return f"{path} is not a plain file of this run folder ({what}); remove it and run this again"
+        f = os.fdopen(fd, "r+", encoding="utf-8", errors="replace")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -27,7 +27,7 @@ from fervit.evaluation.calibration import calibrate_run, calibration_summary
 from fervit.evaluation.evaluate import evaluate, split_report
 from fervit.evaluation.metrics import confusion_matrix
 from fervit.evaluation.plots import curves_png
-from fervit.io import write_json
+from fervit.io import make_folder, write_json
 from fervit.models import build_model, count_parameters, model_label
 from fervit.models.checkpoint import WEIGHTS_NAME, describe, load_model, save_model
 from fervit.runs import make_run_dir, read_run_config, write_metrics_csv
@@ -264,7 +264,7 @@ def open_run_dir(cfg: RunConfig, ctx: DistContext, run_dir, lock: RunLock, fresh
     if ctx.is_main:
         if run_dir is None:
             run_dir = make_run_dir(cfg.train.output, cfg)
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        make_folder(run_dir)  # a read-only place is one line
     run_dir = Path(broadcast_value(str(run_dir), ctx))
     lock.acquire(run_dir, ctx)  # a no-op when `_train` locked it already
     if fresh and ctx.is_main:
