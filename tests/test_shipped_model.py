@@ -49,8 +49,8 @@ def test_it_classifies_real_private_test_faces_far_above_chance(shipped, real_da
     with torch.no_grad():
         preds = model(normalize(data.images[idx])).argmax(1)
     accuracy = (preds == data.labels[idx]).float().mean().item()
-    # the H200-trained model scores 56.4% on these 415 faces; the CPU-trained interim one it replaced, 46.3%
-    assert accuracy >= 0.52, f"{accuracy:.1%} on {len(idx)} class-balanced PrivateTest faces"
+    # the CPU-trained vit_vgg scores 61.7% on these 415 faces; the H200 vit_cnn it replaced 56.4%, which fails here
+    assert accuracy >= 0.59, f"{accuracy:.1%} on {len(idx)} class-balanced PrivateTest faces"
     assert len(set(preds.tolist())) == 7  # every class is predicted, "disgusted" included
 
 
