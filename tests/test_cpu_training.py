@@ -74,10 +74,10 @@ def test_old_configs_with_a_boolean_channels_last_still_load():
     assert RunConfig.from_dict({"train": {"channels_last": False}}).train.channels_last == "off"
 
 
-def test_the_cpu_optimiser_is_fused():
+def test_the_cpu_optimiser_runs_foreach_not_the_per_parameter_loop():
     cfg = small_vgg_config()
     model = build_model(cfg.model)
-    assert build_optimizer(model, cfg, CPU).defaults["fused"] is True
+    assert build_optimizer(model, cfg, CPU).defaults["foreach"] is True
 
 
 def one_step(cfg: RunConfig, amp, channels_last: bool, images, labels):
@@ -157,7 +157,7 @@ def test_train_without_a_preset_picks_the_cpu_hybrid_on_a_cpu_and_says_so(monkey
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cfg = config_from_args(build_parser().parse_args(["train"]))
     assert cfg.model.name == "vit_vgg" and cfg.model.depth > 0  # the `cpu` preset: the hybrid, not its stem
-    assert "no --preset, so cpu" in capsys.readouterr().err
+    assert "no --preset, so cpu" in capsys.readouterr().out
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert config_from_args(build_parser().parse_args(["train"])).model.name == "vit_cnn"
 

@@ -41,7 +41,8 @@ def add_parser(sub) -> None:
                                "NAME.csv (per frame: time, face track id, box, probabilities), NAME_annotated.mp4 "
                                "and NAME_timeline.png")
     vid.add_argument("--webcam", nargs="?", type=int, const=0, metavar="INDEX",
-                     help="classify the camera's frames live (camera 0 unless INDEX) until Ctrl-C or --max-frames")
+                     help="classify the camera's frames live (camera 0 unless INDEX) until Ctrl-C or --max-frames "
+                          "(default: off)")
     vid.add_argument("--every", type=int, default=1, metavar="N", help="classify 1 frame in N (default: 1, every frame)")
     vid.add_argument("--max-frames", type=int, metavar="N", help="stop after N classified frames (default: no limit)")
     vid.add_argument("--out", metavar="DIR", help="where each video's folder is made (default: the current folder); "
@@ -67,8 +68,6 @@ def run_predict(args) -> int:
     if args.every != 1 or args.max_frames is not None or args.out:
         raise FervitError("--every, --max-frames and --out are for videos and --webcam; photos take --annotate DIR")
     predictor = Predictor.load(args.model, args.backend, args.device, runs_dir=args.runs, tta=args.tta)
-    if not args.quiet:  # which model answered; on stderr, so --json and --csv output stay clean
-        print(model_line(predictor.source, predictor.meta), file=sys.stderr)
     sources = expand_inputs(args.inputs)
     if not sources:
         raise FervitError(f"no files found in {', '.join(args.inputs)}")
@@ -87,6 +86,8 @@ def run_predict(args) -> int:
                               "folder") from None
         except OSError as e:
             raise FervitError(f"cannot make the --annotate folder '{out_dir}' ({e.strerror or e})") from None
+    if not args.quiet:  # which model answered, once the request is known good (errors stay one line); on stderr,
+        print(model_line(predictor.source, predictor.meta), file=sys.stderr)  # so --json / --csv stay clean
     show_bar = not args.quiet and len(sources) > args.batch_size and sys.stderr.isatty()
     results, used = [], set()
     for res in predictor.predict_sources(sources, detect, args.batch_size, show_bar, len(sources),
