@@ -21,21 +21,7 @@ import torch.nn as nn
 from fervit.config import ModelConfig
 from fervit.models.layers import center_crop, init_weights
 from fervit.models.registry import register_model
-from fervit.models.vit import Encoder
-
-
-def vgg_stem(in_chans: int, channels: tuple[int, ...], convs_per_stage: int) -> nn.Sequential:
-    """Stages of [3x3 conv + BN + ReLU] x convs_per_stage; every stage but the last ends in a 2x2 max-pool,
-    so the last stage's full-resolution map becomes the tokens."""
-    layers: list[nn.Module] = []
-    prev = in_chans
-    for i, ch in enumerate(channels):
-        for _ in range(convs_per_stage):
-            layers += [nn.Conv2d(prev, ch, 3, padding=1, bias=False), nn.BatchNorm2d(ch), nn.ReLU(inplace=True)]
-            prev = ch
-        if i < len(channels) - 1:
-            layers.append(nn.MaxPool2d(2))
-    return nn.Sequential(*layers)
+from fervit.models.vit import Encoder, conv_stem
 
 
 class VGGViTEmotion(nn.Module):
@@ -51,7 +37,7 @@ class VGGViTEmotion(nn.Module):
         side = self.input_size // 2 ** (len(cfg.stem_channels) - 1)
         if side < 1:
             raise ValueError(f"{len(cfg.stem_channels)} stem stages shrink a {self.input_size}px image to nothing")
-        self.stem = vgg_stem(cfg.in_chans, tuple(cfg.stem_channels), cfg.stem_convs)
+        self.stem = conv_stem(cfg.in_chans, tuple(cfg.stem_channels), cfg.stem_convs, pool_last=False)
         self.num_tokens = side * side
         self.proj = nn.Linear(cfg.stem_channels[-1], cfg.embed_dim)
         self.encoder = Encoder(cfg, self.num_tokens)

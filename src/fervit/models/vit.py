@@ -73,14 +73,16 @@ class VisionTransformerEmotion(nn.Module):
         return self.encoder(x.flatten(2).transpose(1, 2))  # tokens (B, T, C)
 
 
-def conv_stem(in_chans: int, channels: tuple[int, ...], convs_per_stage: int) -> nn.Sequential:
-    """Stages of [3x3 conv + BN + ReLU] x convs_per_stage, each closed by a 2x2 max-pool."""
+def conv_stem(in_chans: int, channels: tuple[int, ...], convs_per_stage: int, pool_last: bool = True) -> nn.Sequential:
+    """Stages of [3x3 conv + BN + ReLU] x convs_per_stage, each closed by a 2x2 max-pool (the last one too
+    unless `pool_last` is False: then the last stage's full-resolution map becomes the tokens)."""
     layers, prev = [], in_chans
-    for ch in channels:
+    for i, ch in enumerate(channels):
         for _ in range(convs_per_stage):
             layers += [nn.Conv2d(prev, ch, 3, padding=1, bias=False), nn.BatchNorm2d(ch), nn.ReLU(inplace=True)]
             prev = ch
-        layers.append(nn.MaxPool2d(2))
+        if pool_last or i < len(channels) - 1:
+            layers.append(nn.MaxPool2d(2))
     return nn.Sequential(*layers)
 
 
