@@ -219,6 +219,28 @@ def test_slow_clients_get_408_and_are_dropped_while_others_are_served(deadline_s
     assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200  # and the server lives on
 
 
+def read_one_response(conn) -> bytes:
+    """One whole HTTP response: its headers and then content-length bytes of body.
+
+    A single recv can return the headers alone; the body would then be read as the start of the
+    next answer (CI saw exactly that).
+    """
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        assert chunk, "the server closed the connection mid-answer"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    while len(body) < length:
+        chunk = conn.recv(65536)
+        assert chunk, "the server closed the connection mid-body"
+        body += chunk
+    assert len(body) == length, "bytes beyond the first answer arrived before the second request was sent"
+    return head + b"\r\n\r\n" + body
+
+
 @pytest.mark.timeout(60)
 def test_a_kept_alive_connection_gets_the_limit_again_for_its_next_request(deadline_server):
     import socket
@@ -227,7 +249,7 @@ def test_a_kept_alive_connection_gets_the_limit_again_for_its_next_request(deadl
     conn = socket.create_connection(("127.0.0.1", port), timeout=10)
     try:
         conn.sendall(b"GET /health HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
-        first = conn.recv(65536)
+        first = read_one_response(conn)
         assert first.startswith(b"HTTP/1.1 200")
         conn.sendall(b"GET /health HTTP/1.1\r\nhost: 127.0.0.1\r\nx-slow: ")  # the next request never ends
         t0, answer = time.monotonic(), b""
