@@ -46,6 +46,8 @@ def test_a_plan_of_hours_on_a_cpu_is_said_early_with_the_cpu_presets():
 def test_a_short_plan_or_one_capped_by_a_time_budget_says_nothing():
     assert run_steps(PlanCheck(10, 200, "cpu", clock=Clock(0.5)), 200) == []  # 17 min
     assert run_steps(PlanCheck(60, 200, "cpu", budget_s=1800, clock=Clock(2.0)), 20) == []
+    # a budget of hours was asked for: no warning, and no advice to pick the CPU preset it may already be
+    assert run_steps(PlanCheck(200, 200, "cpu", budget_s=6900, clock=Clock(2.0)), 20) == []
 
 
 def test_a_short_epoch_is_judged_at_its_end():

@@ -1,5 +1,6 @@
 """Watching a run while it trains: the epoch's progress bar (on a terminal only, fervit.progress), the figures
-redrawn after every epoch, and a warning, as the first epoch starts, when the plan will take hours on this device.
+redrawn after every epoch, and a warning, as the first epoch starts, when a plan with no time budget will take hours
+on this device.
 """
 
 from __future__ import annotations
@@ -52,9 +53,8 @@ class PlanCheck:
     def judge(self, epoch_s: float, measured: int) -> None:
         self.done = True
         total = epoch_s * self.epochs
-        if self.budget_s > 0:
-            total = min(total, self.budget_s)  # train.time_budget_s caps the plan itself
-        if total <= PLAN_WARN_S:
+        # a train.time_budget_s is the user's own word on how long the run may take: nothing to warn about
+        if self.budget_s > 0 or total <= PLAN_WARN_S:
             return
         fix = ("on a CPU, a preset made for it fits: --preset cpu or --preset cpu_fast (the quicker), or fewer "
                "--epochs" if self.device == "cpu" else "fewer --epochs")
