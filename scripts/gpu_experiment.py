@@ -31,7 +31,7 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from fervit.training.parallel import run_jobs, train_job
+from fervit.launcher import run_jobs, train_job
 
 
 def main() -> int:

@@ -10,7 +10,7 @@ import pytest
 
 from fervit.cli import main
 from fervit.errors import FervitError
-from fervit.runs import read_metrics_csv
+from fervit.run_folder import read_metrics_csv
 from test_predict import make_checkpoint
 
 

@@ -10,7 +10,7 @@ import torch
 
 from helpers import tiny_model
 
-from fervit.training.epoch import maybe_compile
+from fervit.training.parts import maybe_compile
 
 CPU = torch.device("cpu")
 

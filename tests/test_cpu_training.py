@@ -14,7 +14,7 @@ from fervit.config import RunConfig, apply_overrides, load_preset
 from fervit.data.augment import normalize
 from fervit.device import amp_choice, channels_last_choice
 from fervit.models import build_model, create_model
-from fervit.training.epoch import build_optimizer
+from fervit.training.parts import build_optimizer
 from fervit.training.step import TrainStep
 
 CPU = torch.device("cpu")

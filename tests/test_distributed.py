@@ -18,7 +18,7 @@ from fervit.data.dataset import load_fer
 from fervit.errors import FervitError
 from fervit.training.distributed import DistContext, init_distributed, wrap_model
 from fervit.device import resolve_device
-from fervit.training.epoch import shard_loss
+from fervit.training.step import shard_loss
 from fervit.training.trainer import train
 
 # vit_patch has no BatchNorm: torch cannot sync BatchNorm on CPU, so only a BN-free model can match exactly

@@ -14,8 +14,8 @@ import torch
 
 from fervit.cli import main
 from fervit.config import apply_overrides, load_preset
-from fervit.training import parallel
-from fervit.training.parallel import Job, run_jobs
+from fervit import launcher as parallel
+from fervit.launcher import Job, run_jobs
 from tests.conftest import make_layout
 
 COMMON = ["--preset", "tiny", "--device", "cpu", "--protocol", "fer2013", "--epochs", "2", "--batch-size", "8",
@@ -253,7 +253,7 @@ def test_sigterm_to_the_parent_is_passed_on_to_every_job_and_waited_for(tmp_path
     import subprocess
     import time
 
-    script = ("import sys\nfrom pathlib import Path\nfrom fervit.training.parallel import Job, run_jobs\n"
+    script = ("import sys\nfrom pathlib import Path\nfrom fervit.launcher import Job, run_jobs\n"
               f"stoppable = {STOPPABLE!r}\n"
               "jobs = [Job(f'j{i}', [sys.executable, '-c', stoppable, str(Path(sys.argv[1]) / f'j{i}.sig')],"
               " Path(sys.argv[1]) / f'j{i}.log') for i in range(2)]\n"

@@ -12,7 +12,7 @@ from helpers import tiny_model, tiny_run_config
 
 from fervit.config import RunConfig, apply_overrides
 from fervit.data.dataset import load_fer
-from fervit.training.epoch import build_ema, build_optimizer, ema_warmup_decay, parameter_groups
+from fervit.training.parts import build_ema, build_optimizer, ema_decay, ema_warmup_decay, parameter_groups, update_ema
 from fervit.training.schedule import WarmupPlateau, apply_now, build_schedule
 from fervit.training.trainer import train
 
@@ -100,11 +100,11 @@ def ema_lag_after_ten_steps(warmup: bool) -> float:
     ema = build_ema(model, cfg)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     x, y = torch.randn(8, 1, 48, 48, generator=torch.Generator().manual_seed(0)), torch.arange(8) % 7
-    for _ in range(10):
+    for n in range(10):
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
-        ema.update_parameters(model)
+        update_ema(ema, model, ema_decay(cfg.optim, n), n)
     live = torch.cat([p.detach().flatten() for p in model.parameters()])
     averaged = torch.cat([p.detach().flatten() for p in ema.module.parameters()])
     return float((averaged - live).norm() / (live - initial).norm())

@@ -20,9 +20,12 @@ from conftest import make_layout
 from helpers import tiny_run_config
 
 import fervit.training.step as epoch_module  # the step draws the augmentation
-import fervit.training.resume as resume
+import fervit.training.checkpoint as resume
 from fervit.cli import main
-from fervit.training.resume import EXIT_REQUEUE, LAST_DIR, LOCK_FILE, MANIFEST, Preempted, RunLock, load_last
+from fervit.run_folder import LAST_DIR, LOCK_FILE
+from fervit.training.checkpoint import MANIFEST, load_last
+from fervit.training.lock import RunLock
+from fervit.training.signals import EXIT_REQUEUE, Preempted
 from fervit.training.trainer import train
 
 EPOCHS = 4
@@ -209,7 +212,8 @@ def test_resuming_with_another_number_of_processes_is_refused(stopped_run, layou
 
     cfg = config(layout, stopped_run.parent)
     data = load_fer(layout, layout.parent / "cache", progress=False)
-    monkeypatch.setattr(resume, "broadcast_value", lambda value, ctx: value)  # the lock's, as rank 0 sees it
+    # the lock's, as rank 0 sees it
+    monkeypatch.setattr("fervit.training.lock.broadcast_value", lambda value, ctx: value)
     with pytest.raises(FervitError, match="trained by 1 process"):  # refused before any other collective call
         train(cfg, quiet=True, data=data, run_dir=stopped_run, resume=True, ctx=DistContext(world_size=2))
 
@@ -237,7 +241,7 @@ def test_sgd_plateau_and_ema_warmup_resume_exactly(layout, plateau_reference, mo
 def test_a_checkpoint_written_before_the_sgd_plateau_and_ema_warmup_keys_still_resumes(tmp_path):
     from fervit.config import RunConfig, apply_overrides
     from fervit.errors import FervitError
-    from fervit.training.resume import check_config
+    from fervit.training.recipe import check_config
 
     saved = RunConfig().to_dict()
     for key in ("name", "momentum", "nesterov", "schedule", "plateau_factor", "plateau_patience", "ema_warmup"):
@@ -253,7 +257,7 @@ HOLD_THE_LOCK = """
 import sys, time
 from pathlib import Path
 from fervit.training.distributed import DistContext
-from fervit.training.resume import RunLock
+from fervit.training.lock import RunLock
 lock = RunLock()
 lock.acquire(Path(sys.argv[1]), DistContext())
 print("locked", flush=True)
@@ -307,7 +311,8 @@ def test_a_killed_holder_leaves_no_stale_lock(stopped_run, holder):
 def test_under_ddp_only_rank_0_takes_the_lock(tmp_path, monkeypatch):
     from fervit.training.distributed import DistContext
 
-    monkeypatch.setattr(resume, "broadcast_value", lambda value, ctx: value)  # one process stands in for each rank
+    # one process stands in for each rank
+    monkeypatch.setattr("fervit.training.lock.broadcast_value", lambda value, ctx: value)
     RunLock().acquire(tmp_path, DistContext(rank=1, world_size=2))
     assert not (tmp_path / LOCK_FILE).exists()
     RunLock().acquire(tmp_path, DistContext(rank=0, world_size=2))

@@ -12,9 +12,11 @@ import torch.nn.functional as F
 from fervit.config import apply_overrides, load_preset
 from fervit.errors import FervitError
 from fervit.models import build_model
-from fervit.training.step import TrainStep, fused_attention_backend, scaled_lr
+from fervit.benchmark.harness import optimizer_step
+from fervit.benchmark.probes import fused_attention_backend, scaled_lr
+from fervit.training.step import TrainStep
 from fervit.data.augment import augment_batch
-from fervit.training.epoch import build_ema, build_optimizer, optimizer_step
+from fervit.training.parts import build_ema, build_optimizer, ema_warmup_decay
 
 CPU = torch.device("cpu")
 HAS_CXX = any(shutil.which(c) for c in ("g++", "c++", "clang++"))
@@ -55,6 +57,22 @@ def states(model, ema, optimizer) -> dict:
     return out
 
 
+def reference_ema(model, cfg) -> torch.optim.swa_utils.AveragedModel:
+    """torch's AveragedModel with its own EMA averaging, or (optim.ema_warmup) the same with the warm-up decay."""
+    decay = cfg.optim.ema_decay
+    average = torch.optim.swa_utils.get_ema_multi_avg_fn(decay)
+    if cfg.optim.ema_warmup:
+        @torch.no_grad()
+        def average(ema_params, live_params, n_averaged):
+            d = ema_warmup_decay(n_averaged.float(), decay)
+            if torch.is_floating_point(ema_params[0]):
+                torch._foreach_lerp_(ema_params, live_params, 1 - d)
+            else:
+                for e, p in zip(ema_params, live_params):
+                    e.copy_(e * d + p * (1 - d))
+    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=average, use_buffers=True)
+
+
 def reference_steps(cfg, model, optimizer, scheduler, ema, images, labels, steps: int = 2) -> list[float]:
     """The trainer's step as it was written before TrainStep (augment, forward, cross-entropy, backward, clip,
     optimiser, schedule, AveragedModel's own EMA update), in the same batch order as `run_steps`."""
@@ -75,7 +93,7 @@ def reference_steps(cfg, model, optimizer, scheduler, ema, images, labels, steps
 def test_the_eager_step_computes_exactly_what_the_trainers_step_computed(warmup):
     overrides = ["optim.ema_warmup=true"] if warmup else []
     cfg, model, optimizer, scheduler, _, images, labels = setup(*overrides)
-    ema = build_ema(model, cfg)  # the trainer's EMA: AveragedModel with (or without) the decay warm-up
+    ema = reference_ema(model, cfg)
     expected_losses = reference_steps(cfg, model, optimizer, scheduler, ema, images, labels)
     reference = states(model, ema, optimizer)
 

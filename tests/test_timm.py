@@ -67,7 +67,7 @@ def test_unknown_backbones_and_tags_are_one_line_errors(timm):
 
 @needs_timm
 def test_pretrained_resnet_stem_is_folded_to_grey_and_head_is_new(timm, tmp_path):
-    from fervit.training.trainer import load_pretrained
+    from fervit.models.pretrained import load_pretrained
 
     file = tmp_path / "model.safetensors"
     donor = save_donor(timm, file, "resnet18")
@@ -85,7 +85,7 @@ def test_pretrained_resnet_stem_is_folded_to_grey_and_head_is_new(timm, tmp_path
 
 @needs_timm
 def test_pretrained_vit_positions_are_resampled_to_the_new_grid(timm, tmp_path):
-    from fervit.training.trainer import load_pretrained
+    from fervit.models.pretrained import load_pretrained
 
     file = tmp_path / "vit.safetensors"
     donor = save_donor(timm, file, "vit_tiny_patch16_224")  # 14x14 grid + [CLS]
@@ -99,7 +99,7 @@ def test_pretrained_vit_positions_are_resampled_to_the_new_grid(timm, tmp_path):
 
 @needs_timm
 def test_weights_of_another_architecture_are_a_one_line_error(timm, tmp_path):
-    from fervit.training.trainer import load_pretrained
+    from fervit.models.pretrained import load_pretrained
 
     file = tmp_path / "resnet.safetensors"
     save_donor(timm, file, "resnet18")

@@ -111,14 +111,14 @@ def test_the_same_seed_gives_the_same_numbers(real_slice, tmp_path):
 
 
 def spy_on_epochs(monkeypatch) -> list:
-    """Record the EpochParts of every epoch the trainer runs."""
+    """Record the step and the batches of every epoch the trainer runs."""
     import fervit.training.trainer as trainer
 
     seen, real_epoch = [], trainer.train_one_epoch
 
-    def spy(parts, bar=None):
-        seen.append(parts)
-        return real_epoch(parts, bar)
+    def spy(step, batches, bar=None, **kwargs):
+        seen.append((step, batches))
+        return real_epoch(step, batches, bar, **kwargs)
 
     monkeypatch.setattr(trainer, "train_one_epoch", spy)
     return seen
@@ -135,10 +135,10 @@ def test_balanced_class_weights_weigh_the_loss_by_inverse_frequency(real_slice, 
     seen = spy_on_epochs(monkeypatch)
     train(tiny_cfg(tmp_path, "train.epochs=1", "optim.class_weights=balanced"), quiet=True,
           data=few_disgusted(real_slice))
-    (parts,) = seen
+    ((step, batches),) = seen
     expected = torch.full((7,), 244 / (7 * 40))
     expected[1] = 244 / (7 * 4)
-    assert torch.allclose(parts.loss_weights.cpu(), expected) and parts.sample_weights is None
+    assert torch.allclose(step.loss_weights.cpu(), expected) and batches.sample_weights is None
 
 
 def test_the_balanced_sampler_draws_every_class_about_equally_often(real_slice, tmp_path, monkeypatch):
@@ -146,10 +146,10 @@ def test_the_balanced_sampler_draws_every_class_about_equally_often(real_slice, 
 
     seen = spy_on_epochs(monkeypatch)
     train(tiny_cfg(tmp_path, "train.epochs=1", "optim.sampler=balanced"), quiet=True, data=few_disgusted(real_slice))
-    (parts,) = seen
-    draws = torch.cat([parts.labels[epoch_order(parts)] for _ in range(20)]).cpu()
+    ((step, batches),) = seen
+    draws = torch.cat([batches.labels[epoch_order(batches)] for _ in range(20)]).cpu()
     share = torch.bincount(draws, minlength=7).float() / len(draws)
-    assert share.min() > 0.11 and share.max() < 0.18 and parts.loss_weights is None  # 1/7 = 0.143
+    assert share.min() > 0.11 and share.max() < 0.18 and step.loss_weights is None  # 1/7 = 0.143
 
 
 def test_cli_train_then_evaluate_then_runs(real_data, tmp_path):

@@ -12,7 +12,7 @@ from helpers import tiny_model
 from fervit.config import AugmentConfig
 from fervit.data.augment import mix_batch
 from fervit.evaluation.metrics import classification_report
-from fervit.training.epoch import class_weights, parameter_groups
+from fervit.training.parts import class_weights, parameter_groups
 from fervit.training.schedule import WarmupCosine
 
 

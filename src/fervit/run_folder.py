@@ -168,9 +168,9 @@ class Results:
     writes the description fields and the split it measured. Keys this fervit does not know stay in `other`
     and are written back, so that a rewrite loses nothing."""
 
-    model: str = "?"
+    model: str | None = None
     params: int | None = None
-    protocol: str = "?"
+    protocol: str | None = None
     data_root: str | None = None
     split_sizes: dict | None = None
     classes: list | None = None

@@ -24,9 +24,9 @@ def collect_runs(root: str | Path) -> list[dict]:
             continue
         rows.append({
             "run": str(run),
-            "model": res.model,
+            "model": "?" if res.model is None else res.model,
             "params": res.params,
-            "protocol": res.protocol,
+            "protocol": "?" if res.protocol is None else res.protocol,
             "best_val_acc": res.best_val_acc,
             "test_acc": (res.test or {}).get("accuracy"),
             # `fervit evaluate --tta` rewrites the test section: the table says so beside the number

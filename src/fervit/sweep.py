@@ -21,7 +21,8 @@ from fervit.config import RunConfig, apply_overrides, resolve_data_root
 from fervit.errors import FervitError
 from fervit.run_folder import Trial, has_results, make_run_dir, read_results, write_trial
 from fervit.training.distributed import DistContext
-from fervit.training.resume import Preempted, StopSignals, has_checkpoint
+from fervit.training.checkpoint import has_checkpoint
+from fervit.training.signals import Preempted, StopSignals
 
 # The ranges the original project explored by hand. Keys are config keys, plus two derived ones:
 # model.mlp_ratio (mlp_dim = ratio x embed_dim) and augment.strength (scales every augmentation amount).
@@ -176,6 +177,14 @@ def open_study(name: str, url: str, pruner):
             time.sleep(0.2 + random.random())
 
 
+def study_folder(output: str | Path, study_name: str, storage: str | None) -> tuple[Path, str]:
+    """The study's folder OUTPUT/STUDY/ (made), which holds its trials' run folders, and the study's storage URL:
+    `storage`, else SQLite in that folder."""
+    folder = Path(output) / study_name
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder, storage or f"sqlite:///{folder.resolve() / 'study.db'}"
+
+
 def run_sweep(base: RunConfig, *, study_name: str = "fervit", storage: str | None = None, trials: int = 20,
               max_study_trials: int = 0, timeout_s: float = 0, space: dict | None = None, pruner="median",
               output: str | Path = "runs/sweeps", quiet: bool = True, data=None) -> dict:
@@ -193,9 +202,7 @@ def run_sweep(base: RunConfig, *, study_name: str = "fervit", storage: str | Non
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = DEFAULT_SPACE if space is None else space
     check_space(space, base)  # a misspelt key or a value out of range fails now, before anything is written
-    folder = Path(output) / study_name
-    folder.mkdir(parents=True, exist_ok=True)
-    url = storage or f"sqlite:///{folder.resolve() / 'study.db'}"
+    folder, url = study_folder(output, study_name, storage)
     if pruner == "median":
         # before the lr warmup ends, accuracies say little about where a trial will end
         pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=math.ceil(base.optim.warmup_epochs))

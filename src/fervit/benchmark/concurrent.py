@@ -29,7 +29,7 @@ def measure_concurrency(preset: str, counts: tuple[int, ...], *, device: str, ba
                         compile_backend: str = "inductor", mps: str = "auto", timeout_s: float = 300) -> list[dict]:
     """One row per process count: aggregate and per-process training img/s, speed-up over one process.
     A process count whose processes fail or outlive `timeout_s` gets a row with its one-line error."""
-    from fervit.training.parallel import Job, mps_available, run_jobs
+    from fervit.launcher import Job, mps_available, run_jobs
 
     rows = []
     for n in counts:
@@ -84,7 +84,7 @@ def worker(args) -> dict:
     from fervit.models import build_model
     from fervit.training.step import TrainStep
     from fervit.device import resolve_amp, resolve_device
-    from fervit.training.epoch import build_optimizer
+    from fervit.training.parts import build_optimizer
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)

@@ -44,8 +44,11 @@ from fervit.errors import FervitError
 from fervit.device import autocast, channels_last_choice, resolve_amp
 from fervit.evaluation.evaluate import evaluate
 from fervit.models import build_model, count_parameters
-from fervit.training.epoch import EpochParts, build_optimizer, maybe_compile, optimizer_step, train_one_epoch
-from fervit.training.step import STEP_MODES, TrainStep, fused_attention_backend, scaled_lr
+from fervit.benchmark.harness import EpochParts, optimizer_step, train_one_epoch
+from fervit.benchmark.harness import PhasedTrainStep as TrainStep
+from fervit.benchmark.probes import fused_attention_backend, scaled_lr
+from fervit.training.parts import build_optimizer, maybe_compile
+from fervit.training.step import STEP_MODES
 
 FER2013_EPOCH = 28_709  # images in FER-2013's train/ folder: what "seconds per epoch" means
 BREAKDOWN_STEPS = 50  # steps per phase breakdown: enough for a stable mean, a small profiler trace

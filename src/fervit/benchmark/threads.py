@@ -16,7 +16,7 @@ import torch
 from fervit.config import RunConfig
 from fervit.device import channels_last_choice, resolve_amp
 from fervit.models import build_model
-from fervit.training.epoch import build_optimizer
+from fervit.training.parts import build_optimizer
 from fervit.training.step import TrainStep
 
 BUSY_LOOP = "while True: pass"  # one core's worth of load, as a second run or a test suite would take

@@ -46,7 +46,7 @@ def run_sweep_command(args) -> int:
     """Exit 0 when the trials ran, EXIT_REQUEUE (75) when a signal stopped the worker."""
     from fervit.config import apply_overrides, load_preset
     from fervit.sweep import check_space, load_space, run_sweep
-    from fervit.training.resume import EXIT_REQUEUE, Preempted
+    from fervit.training.signals import EXIT_REQUEUE, Preempted
 
     if args.workers < 1:
         raise FervitError(f"--workers must be at least 1, got {args.workers}")
@@ -86,14 +86,10 @@ def worker_argv(args, trials: int) -> list[str]:
 
 def run_sweep_workers(args) -> int:
     """--workers N: N `fervit sweep` processes joining one study; prints the study's best when all are done."""
-    from pathlib import Path
+    from fervit.sweep import best_of, open_study, study_folder
+    from fervit.launcher import Job, run_jobs, summary_lines
 
-    from fervit.sweep import best_of, open_study
-    from fervit.training.parallel import Job, run_jobs, summary_lines
-
-    folder = Path(args.output) / args.study
-    folder.mkdir(parents=True, exist_ok=True)
-    url = args.storage or f"sqlite:///{folder.resolve() / 'study.db'}"
+    folder, url = study_folder(args.output, args.study, args.storage)
     open_study(args.study, url, None)  # created once here, so the workers only join it
     shares = [args.trials // args.workers + (i < args.trials % args.workers) for i in range(args.workers)]
     jobs = [Job(f"worker{i}", worker_argv(args, n), folder / f"worker{i}.log") for i, n in enumerate(shares) if n]

@@ -82,7 +82,7 @@ def default_preset(device: str | None) -> str:
 def run_train(args) -> int:
     """Exit 0 when the run finished, EXIT_REQUEUE (75) when a signal stopped it after a checkpoint."""
     from fervit.run_folder import is_run_folder
-    from fervit.training.resume import EXIT_REQUEUE, Preempted
+    from fervit.training.signals import EXIT_REQUEUE, Preempted
     from fervit.training.trainer import train
 
     if args.resume and args.run_dir:
@@ -186,7 +186,7 @@ def run_train_jobs(args) -> int:
     import time
     from pathlib import Path
 
-    from fervit.training.parallel import run_jobs, summary_lines, train_job
+    from fervit.launcher import run_jobs, summary_lines, train_job
 
     if args.seeds and args.jobs:
         raise FervitError("give either --seeds or --jobs, not both")

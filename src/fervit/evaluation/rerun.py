@@ -15,7 +15,8 @@ from fervit.evaluation.calibration import calibrate_run, calibration_summary
 from fervit.evaluation.evaluate import evaluate, predict_logits, split_report
 from fervit.evaluation.plots import curves_png
 from fervit.models import count_parameters, model_label
-from fervit.run_folder import METRICS, RESULTS, DamagedResults, Results, read_config, read_metrics, read_results, write_results
+from fervit.run_folder import (METRICS, RESULTS, DamagedResults, Results, read_config, read_metrics, read_results,
+                               write_results)
 from fervit.device import resolve_amp, resolve_device
 from fervit.models.checkpoint import ModelFile, find_checkpoint, load_model
 

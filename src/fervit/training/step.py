@@ -22,10 +22,9 @@ own `update_parameters` syncs twice per step to test `n_averaged`).
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn as nn
@@ -36,10 +35,23 @@ from fervit.data.augment import augment_batch, mix_batch
 from fervit.errors import FervitError
 from fervit.device import autocast
 from fervit.models.checkpoint import unwrap
-from fervit.training.epoch import ema_warmup_decay, shard_loss
+from fervit.training.parts import compile_checked, ema_decay, update_ema
 
 STEP_MODES = ("eager", "compile", "cuda_graph")
-BASE_BATCH = 128  # the batch size the presets' learning rates were tuned at
+
+
+def no_range(name: str) -> AbstractContextManager:
+    return nullcontext()
+
+
+def shard_loss(logits, target, y_global, loss_weights, label_smoothing: float) -> torch.Tensor:
+    """This rank's share of the global batch's mean loss: the shares of all ranks add up to exactly the
+    loss one process would compute on the whole batch (also with class weights, whose mean divides by the
+    summed weights of the global batch's labels)."""
+    total = F.cross_entropy(logits, target, weight=loss_weights, label_smoothing=label_smoothing, reduction="sum")
+    hard = target.dtype == torch.long
+    denom = loss_weights[y_global].sum() if hard and loss_weights is not None else len(y_global)
+    return total / denom
 
 
 class TrainStep:
@@ -67,7 +79,6 @@ class TrainStep:
         if channels_last:
             model.to(memory_format=torch.channels_last)  # only 4-D tensors (the conv weights) change layout
         self.mixing = cfg.augment.mixup_alpha > 0 or cfg.augment.cutmix_alpha > 0
-        self.profile_phases = False  # the bench sets it: each phase in its own torch.profiler range
         self.mode, self.mode_used = mode, "eager"
         self.forward_loss: Callable = self._forward_loss
         self.ema_updates = int(ema.n_averaged) if ema is not None else 0  # read once: the EMA never syncs after
@@ -119,126 +130,52 @@ class TrainStep:
             self._ema_update()
 
     def __call__(self, images_u8: torch.Tensor, y: torch.Tensor, gen: torch.Generator):
-        rec = torch.profiler.record_function if self.profile_phases else (lambda name: nullcontext())
-        with rec("step.data_augment"):
+        return self.run_phases(images_u8, y, gen)
+
+    def run_phases(self, images_u8: torch.Tensor, y: torch.Tensor, gen: torch.Generator,
+                   phase: Callable[[str], AbstractContextManager] = no_range):
+        """The step, each phase inside `phase(name)` (a profiler can time them there)."""
+        with phase("step.data_augment"):
             y_all = y
             x, target, y = self.augment(images_u8, y, gen)
         if self.mode_used == "cuda_graph":
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be reused now
-        with rec("step.forward"):
+        with phase("step.forward"):
             loss, objective, correct = self.forward_loss(x, target, y, y_all)
-        with rec("step.backward"):
+        with phase("step.backward"):
             self.backward(objective)
-        with rec("step.optimizer"):
+        with phase("step.optimizer"):
             self.update()
         if self.mode_used == "cuda_graph":  # graph outputs live in a static pool that the next replay reuses
             loss, correct = loss.clone(), correct.clone()
         return loss, correct
 
-    # --- EMA without a host sync -------------------------------------------------------------------
-    @torch.no_grad()
     def _ema_update(self) -> None:
-        """What `AveragedModel.update_parameters` computes with `build_ema`'s averaging (use_buffers=True; the
-        decay warm-up with optim.ema_warmup), with the update count on a host counter instead of the device's
-        `n_averaged`, so no step waits on the GPU."""
-        ema, decay = self.ema, self.cfg.optim.ema_decay
-        if self.cfg.optim.ema_warmup:
-            decay = ema_warmup_decay(self.ema_updates, decay)  # on the host counter
-        model = unwrap(self.model)
-        own = [*ema.module.parameters(), *ema.module.buffers()]
-        src = [t.detach() for t in (*model.parameters(), *model.buffers())]
-        if self.ema_updates == 0:
-            for a, b in zip(own, src, strict=True):
-                a.detach().copy_(b)
-        else:
-            groups: dict[tuple, tuple[list, list]] = {}
-            for a, b in zip(own, src, strict=True):
-                group = groups.setdefault((a.device, a.dtype), ([], []))
-                group[0].append(a.detach())
-                group[1].append(b)
-            for (_, dtype), (mine, theirs) in groups.items():
-                if dtype.is_floating_point or dtype.is_complex:
-                    torch._foreach_lerp_(mine, theirs, 1 - decay)
-                else:
-                    for a, b in zip(mine, theirs):
-                        a.copy_(a * decay + b * (1 - decay))
-        ema.n_averaged += 1
+        """The EMA's update, its count on a host counter (read once at the start), so no step waits on the GPU."""
+        update_ema(self.ema, unwrap(self.model), ema_decay(self.cfg.optim, self.ema_updates), self.ema_updates)
         self.ema_updates += 1
 
     # --- compilation -------------------------------------------------------------------------------
     def _compile(self, mode: str, backend: str, example: torch.Tensor) -> None:
-        """Compile forward + loss, proven by one forward+backward on `example`; any failure: eager, loudly.
-        The trial leaves weights, gradients and the random streams as they were."""
+        """Compile forward + loss, proven by one forward+backward on `example` (three for CUDA graphs: graph
+        trees record on the second call and replay on the third); any failure: eager, loudly."""
         if mode == "cuda_graph" and self.device.type != "cuda":
             warnings.warn(f"step mode cuda_graph needs a CUDA device, not {self.device}; training eagerly",
                           stacklevel=3)
             return
-        snapshot = {k: v.clone() for k, v in self.model.state_dict().items()}
-        cpu_rng = torch.get_rng_state()
-        cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
-        kwargs = {"mode": "reduce-overhead"} if mode == "cuda_graph" else {}
-        try:
-            compiled = torch.compile(self._forward_loss, backend=backend, **kwargs)
-            if self.channels_last:
-                example = example.contiguous(memory_format=torch.channels_last)
-            y = torch.zeros(len(example), dtype=torch.long, device=self.device)
-            for _ in range(3 if mode == "cuda_graph" else 1):  # graph trees record on the 2nd call, replay on the 3rd
+        if self.channels_last:
+            example = example.contiguous(memory_format=torch.channels_last)
+        y = torch.zeros(len(example), dtype=torch.long, device=self.device)
+
+        def trial(compiled) -> None:
+            for _ in range(3 if mode == "cuda_graph" else 1):
                 if mode == "cuda_graph":
                     torch.compiler.cudagraph_mark_step_begin()
                 _, objective, _ = compiled(example, y, y, y)
                 objective.backward()
+
+        kwargs = {"mode": "reduce-overhead"} if mode == "cuda_graph" else {}
+        compiled = compile_checked(self._forward_loss, trial, self.model, f"step mode {mode}", backend=backend,
+                                   **kwargs)
+        if compiled is not None:
             self.forward_loss, self.mode_used = compiled, mode
-        except Exception as e:  # compilation is an optimisation: fall back to eager, loudly
-            warnings.warn(f"step mode {mode} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                          "training eagerly", stacklevel=3)
-        finally:
-            self.model.zero_grad(set_to_none=True)
-            self.model.load_state_dict(snapshot)
-            torch.set_rng_state(cpu_rng)
-            if cuda_rng is not None:
-                torch.cuda.set_rng_state(cuda_rng, self.device)
-
-
-def scaled_lr(base_lr: float, batch_size: int, optimizer: str = "adamw", base_batch: int = BASE_BATCH) -> float:
-    """The learning rate for `batch_size`, from one tuned at `base_batch` (128 for every preset).
-
-    AdamW: square-root scaling (Adam's update is normalised per coordinate, so the gradient noise, which
-    shrinks as 1/sqrt(batch), sets the step; Malladi et al. 2022, "On the SDEs and scaling rules for
-    adaptive gradient algorithms"). SGD: linear scaling (Goyal et al. 2017), with the usual warmup.
-    """
-    if batch_size < 1 or base_batch < 1:
-        raise FervitError(f"batch sizes must be positive, got {batch_size} and {base_batch}")
-    ratio = batch_size / base_batch
-    if optimizer == "adamw":
-        return base_lr * math.sqrt(ratio)
-    if optimizer == "sgd":
-        return base_lr * ratio
-    raise FervitError(f"no lr scaling rule for optimizer '{optimizer}'; use adamw or sgd")
-
-
-def fused_attention_backend(device: torch.device, head_dim: int = 32, heads: int = 6, tokens: int = 145,
-                            dtype: torch.dtype = torch.bfloat16) -> dict:
-    """Which fused SDPA kernel runs attention of this shape, forward and backward, on `device`.
-
-    Tries flash attention, then memory-efficient attention, each alone (`sdpa_kernel` with one backend
-    allowed: the math fallback is not), and returns {"fused": bool, "backend": name | None, "detail": why}.
-    """
-    if device.type != "cuda":  # fervit.models.layers.attention_math: two batched matmuls beat the CPU flash kernel
-        return {"fused": False, "backend": None,
-                "detail": f"{device}: attention runs as two batched matmuls (attention_math); the CPU flash kernel's "
-                          "backward is about 5x slower at 26-145 tokens"}
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    failures = []
-    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
-        q, k, v = (torch.randn(2, heads, tokens, head_dim, device=device, dtype=dtype, requires_grad=True)
-                   for _ in range(3))
-        try:
-            with sdpa_kernel([backend]), warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the refusal's reason comes as a warning before the error
-                F.scaled_dot_product_attention(q, k, v).sum().backward()
-            torch.cuda.synchronize(device)
-            return {"fused": True, "backend": backend.name.lower(), "detail": f"head dim {head_dim}, {dtype}"}
-        except RuntimeError as e:
-            failures.append(f"{backend.name.lower()}: {str(e).splitlines()[0][:120]}")
-    return {"fused": False, "backend": None, "detail": "; ".join(failures)}

@@ -2,9 +2,9 @@
 
 `train` reads top to bottom: check the request, lock the run folder, load the data, open the run folder,
 set up (`set_up`: model, optimiser, schedule, EMA, maybe a resumed state, `extend`ed to more epochs), then
-`run_epoch` until done, then `finish` (reload the best model, evaluate val and test, write results). One
-epoch's training is `train_one_epoch` (fervit.training.epoch). The run folder is always finished, also after
-Ctrl-C.
+`run_epoch` until done, then `finish` (reload the best model, evaluate val and test, write results). `set_up`
+builds the step (fervit.training.step) once and `run_epoch` hands it to `train_one_epoch` (fervit.training.epoch).
+The run folder is always finished, also after Ctrl-C.
 """
 
 from __future__ import annotations
@@ -23,21 +23,24 @@ from fervit.data.dataset import CLASSES, FerData, load_fer
 from fervit.data.splits import Splits, make_splits
 from fervit.device import amp_choice, channels_last_choice, resolve_device
 from fervit.errors import FervitError
-from fervit.evaluation.calibration import calibrate_run, calibration_summary
-from fervit.evaluation.evaluate import evaluate, split_report
-from fervit.evaluation.metrics import confusion_matrix
-from fervit.evaluation.plots import curves_png
+from fervit.evaluation.sharded import evaluate_sharded
 from fervit.io import make_folder
-from fervit.models import build_model, count_parameters, model_label
-from fervit.models.checkpoint import WEIGHTS_NAME, describe, load_model, save_model
-from fervit.run_folder import (Results, is_run_folder, has_results, make_run_dir, read_config, set_results_aside,
-                               write_config, write_metrics, write_results)
-from fervit.training.distributed import (DistContext, all_reduce_sum, any_rank, barrier, broadcast_value, close,
-                                        init_distributed, wrap_model)
-from fervit.training.epoch import (EpochParts, build_ema, build_optimizer, class_weights, maybe_compile,
-                                   train_one_epoch)
-from fervit.training.resume import (CheckpointWriter, Preempted, ResumeState, RunLock, StopNow, StopSignals,
-                                    check_config, data_fingerprint, has_checkpoint, load_last, restore, restore_rng, validate)
+from fervit.models import build_model, count_parameters
+from fervit.models.checkpoint import describe, save_model
+from fervit.models.pretrained import load_pretrained
+from fervit.run_folder import (WEIGHTS, has_results, is_run_folder, make_run_dir, read_config, set_results_aside,
+                               write_config, write_metrics)
+from fervit.training.checkpoint import (CheckpointWriter, ResumeState, has_checkpoint, load_last, restore,
+                                        restore_rng)
+from fervit.training.distributed import (DistContext, any_rank, barrier, broadcast_value, close, init_distributed,
+                                        wrap_model)
+from fervit.training.epoch import EpochBatches, train_one_epoch
+from fervit.training.finish import finish
+from fervit.training.lock import RunLock
+from fervit.training.parts import build_ema, build_optimizer, class_weights, maybe_compile
+from fervit.training.recipe import check_config, check_continuable, data_fingerprint
+from fervit.training.signals import Preempted, StopNow, StopSignals
+from fervit.training.step import TrainStep
 from fervit.training.schedule import WarmupCosine, WarmupPlateau, apply_now, build_schedule
 from fervit.training.tensorboard import TensorBoardLog
 from fervit.training.watch import EpochBar, Figures, PlanCheck
@@ -77,7 +80,8 @@ class Run:
     fingerprint: str  # of labels and splits: a resumed run must see the same examples
     model: nn.Module  # plain, on the device
     eval_model: nn.Module  # the EMA's copy when there is one, else `model`
-    parts: EpochParts  # what train_one_epoch uses
+    step: TrainStep  # built once; it holds the training module, optimiser, scheduler and EMA
+    batches: EpochBatches  # the dataset on the device, and how an epoch draws from it
     schedule: WarmupCosine | WarmupPlateau
     steps_per_epoch: int
     val_idx: torch.Tensor
@@ -130,7 +134,7 @@ def _train(cfg: RunConfig, quiet: bool, data: FerData | None, run_dir, resume: b
     data, splits = load_data(cfg, data, ctx, quiet)
     fingerprint = data_fingerprint(data.labels, splits)
     if saved is not None:
-        validate(saved, cfg, ctx, fingerprint, Path(run_dir))
+        check_continuable(saved, cfg, ctx, fingerprint, Path(run_dir))
     elif resume:
         log(f"{run_dir} has no checkpoint yet: starting it from epoch 1, which is where it was")
     run_dir = open_run_dir(cfg, ctx, run_dir, lock, fresh=saved is None)
@@ -150,8 +154,8 @@ def _train(cfg: RunConfig, quiet: bool, data: FerData | None, run_dir, resume: b
             plan_next(run, state, row, t_start, on_epoch)
             preempted = any_rank(bool(signals.requested), ctx)
             state.elapsed_s = time.time() - t_start
-            checkpoints.save(run.run_dir, ctx, cfg, model=run.model, ema=run.parts.ema, optimizer=run.parts.optimizer,
-                             scheduler=run.parts.scheduler, gen=run.parts.gen, progress=state.to_dict(),
+            checkpoints.save(run.run_dir, ctx, cfg, model=run.model, ema=run.step.ema, optimizer=run.step.optimizer,
+                             scheduler=run.step.scheduler, gen=run.batches.gen, progress=state.to_dict(),
                              fingerprint=fingerprint)
             if preempted:
                 checkpoints.wait()
@@ -228,16 +232,16 @@ def set_up(cfg: RunConfig, ctx: DistContext, data: FerData, splits: Splits, fing
     train_idx, val_idx = splits.train.to(device), splits.val.to(device)
     gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
     steps_per_epoch = max(len(train_idx) // cfg.train.batch_size, 1)
-    optimizer = build_optimizer(model, cfg, device)
-    schedule = build_schedule(cfg.optim, steps_per_epoch, cfg.train.epochs)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     train_labels = labels[train_idx]
+    optimizer = build_optimizer(model, cfg, device)
     weights = class_weights(train_labels, cfg.model.num_classes)
     ema = build_ema(model, cfg)
+    schedule = build_schedule(cfg.optim, steps_per_epoch, cfg.train.epochs)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     amp_dtype, amp_why = amp_choice(cfg.train.amp, device)
     channels_last, layout_why = channels_last_choice(cfg.train.channels_last, model, device)
     if channels_last and ema is not None:
-        ema.module.to(memory_format=torch.channels_last)  # the live model is converted by its TrainStep
+        ema.module.to(memory_format=torch.channels_last)  # the live model is converted by the TrainStep
     runtime = {"amp": "bf16" if amp_dtype else "off", "amp_why": amp_why,
                "channels_last": channels_last, "channels_last_why": layout_why,
                "threads": torch.get_num_threads() if device.type == "cpu" else None}
@@ -251,15 +255,15 @@ def set_up(cfg: RunConfig, ctx: DistContext, data: FerData, splits: Splits, fing
     train_model = wrap_model(model, ctx)
     if cfg.train.step_mode == "auto":  # the whole model compiled (train.compile), the step around it eager
         train_model = maybe_compile(train_model, cfg.train.compile, device, example)
-    parts = EpochParts(cfg, train_model, optimizer, scheduler, images, labels, train_idx, gen, ema,
-                       amp_dtype,
-                       loss_weights=weights if cfg.optim.class_weights == "balanced" else None,
-                       sample_weights=weights[train_labels] if cfg.optim.sampler == "balanced" else None,
-                       ctx=ctx if ctx.enabled else None,
-                       step_mode="eager" if cfg.train.step_mode == "auto" else cfg.train.step_mode,
-                       channels_last=channels_last)
-    return Run(cfg, ctx, run_dir, data, splits, fingerprint, model, ema.module if ema is not None else model, parts,
-               schedule, steps_per_epoch, val_idx, n_params, log, quiet, runtime)
+    # after the EMA is restored: the step reads its update count once
+    step = TrainStep(train_model, optimizer, scheduler, cfg, ema=ema, amp_dtype=amp_dtype,
+                     loss_weights=weights if cfg.optim.class_weights == "balanced" else None,
+                     mode="eager" if cfg.train.step_mode == "auto" else cfg.train.step_mode,
+                     channels_last=channels_last, rank=ctx.rank, world=ctx.world_size)
+    batches = EpochBatches(images, labels, train_idx, gen,
+                           sample_weights=weights[train_labels] if cfg.optim.sampler == "balanced" else None)
+    return Run(cfg, ctx, run_dir, data, splits, fingerprint, model, ema.module if ema is not None else model, step,
+               batches, schedule, steps_per_epoch, val_idx, n_params, log, quiet, runtime)
 
 
 def open_run_dir(cfg: RunConfig, ctx: DistContext, run_dir, lock: RunLock, fresh: bool) -> Path:
@@ -278,7 +282,7 @@ def open_run_dir(cfg: RunConfig, ctx: DistContext, run_dir, lock: RunLock, fresh
 def resume_state(run: Run, saved: ResumeState) -> TrainState:
     """The saved TrainState; the RNGs go back last (building and compiling drew random numbers)."""
     state = TrainState.from_dict(saved.progress)
-    restore_rng(saved, run.parts.gen, run.ctx)
+    restore_rng(saved, run.batches.gen, run.ctx)
     if run.ctx.is_main:  # forget an epoch a killed process logged after its last checkpoint
         write_metrics(run.run_dir, state.rows)
     run.log(f"resuming after epoch {state.epoch}/{state.epochs}")
@@ -294,48 +298,49 @@ def extend(run: Run, state: TrainState) -> None:
     time budget: the run trains the epochs asked for."""
     state.epochs, state.stop_reason, state.budgeted = run.cfg.train.epochs, "", False
     run.schedule.replan(run.steps_per_epoch * state.epochs)
-    apply_now(run.parts.scheduler)  # the next step already takes the new plan's lr
+    apply_now(run.step.scheduler)  # the next step already takes the new plan's lr
     if run.ctx.is_main:  # so that a plain --resume after a stop continues to N
         cfg = read_config(run.run_dir, "extend")
         cfg.train.epochs = state.epochs
         write_config(run.run_dir, cfg)
         set_results_aside(run.run_dir, state.epoch)
-    run.log(f"training to {state.epochs} epochs (lr now {run.parts.optimizer.param_groups[0]['lr']:.2e})")
+    run.log(f"training to {state.epochs} epochs (lr now {run.step.optimizer.param_groups[0]['lr']:.2e})")
 
 
 def run_epoch(run: Run, state: TrainState, tb: TensorBoardLog, watch: Figures | None = None) -> dict:
     """Train one epoch, validate, keep the best model, log, redraw the figures (`watch`); returns the epoch's
     metrics row."""
-    cfg, ctx, parts = run.cfg, run.ctx, run.parts
+    cfg, ctx, step, batches = run.cfg, run.ctx, run.step, run.batches
     state.epoch += 1
     t0 = time.time()
     # the plan's length is judged on the first steps of a run's first epoch (not again on a resume)
     plan = PlanCheck(state.epochs, run.steps_per_epoch, ctx.device.type, cfg.train.time_budget_s) \
         if state.epoch == 1 and ctx.is_main else None
-    first_step = parts.scheduler.last_epoch
-    with EpochBar(len(parts.train_idx), f"epoch {state.epoch}/{state.epochs}", run.quiet or not ctx.is_main,
+    scheduler = step.scheduler
+    first_step = scheduler.last_epoch
+    with EpochBar(len(batches.train_idx), f"epoch {state.epoch}/{state.epochs}", run.quiet or not ctx.is_main,
                   plan) as bar:
-        lr = parts.optimizer.param_groups[0]["lr"]
-        tr = train_one_epoch(parts, bar)
+        lr = step.optimizer.param_groups[0]["lr"]
+        tr = train_one_epoch(step, batches, bar, ctx=ctx if ctx.enabled else None)
     # the highest lr of the epoch's steps: the first one's is misleading in the warm-up (epoch 1 starts near 0)
-    peak_lr = max(base * fn(s) for base, fn in zip(parts.scheduler.base_lrs, parts.scheduler.lr_lambdas)
-                  for s in range(first_step, max(parts.scheduler.last_epoch, first_step + 1)))
-    val = evaluate_split(run.eval_model, parts.images, parts.labels, run.val_idx, cfg, parts.amp_dtype, ctx)
+    peak_lr = max(base * fn(s) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)
+                  for s in range(first_step, max(scheduler.last_epoch, first_step + 1)))
+    val = evaluate_split(run.eval_model, batches.images, batches.labels, run.val_idx, cfg, step.amp_dtype, ctx)
     row = {"epoch": state.epoch, "lr": lr, "train_loss": tr["loss"], "train_acc": tr["acc"],
            "val_loss": val["loss"], "val_acc": val["acc"], "seconds": time.time() - t0}
     if cfg.train.log_test:  # reported only (time to an accuracy); never read by anything that chooses
-        test_idx = run.splits.test.to(parts.images.device)
-        row["test_acc"] = evaluate_split(run.eval_model, parts.images, parts.labels, test_idx, cfg, parts.amp_dtype,
+        test_idx = run.splits.test.to(batches.images.device)
+        row["test_acc"] = evaluate_split(run.eval_model, batches.images, batches.labels, test_idx, cfg, step.amp_dtype,
                                          ctx)["acc"]
     state.rows.append(row)
     if run.schedule.epoch_end(val["acc"]):  # a plateau drop
-        apply_now(parts.scheduler)
+        apply_now(scheduler)
     improved = val["acc"] > state.best_acc
     if improved:
         state.best_acc, state.best_epoch, state.stale = val["acc"], state.epoch, 0
         if ctx.is_main:
             save_model(run.eval_model, describe(cfg.model, cfg.data, epoch=state.epoch, val_acc=val["acc"]),
-                       run.run_dir / WEIGHTS_NAME)
+                       run.run_dir / WEIGHTS)
     else:
         state.stale += 1
     if ctx.is_main:
@@ -364,8 +369,7 @@ def fit_time_budget(run: Run, state: TrainState, t_start: float) -> None:
 
     Epoch 1 carries compilation, so an epoch costs the mean of those after it, or the last one when that was
     slower. Checked after every epoch, not only the second: runs sharing a GPU slow down as their neighbours
-    finish compiling (the first H200 commands ran 93-113 s past a budget checked once). It only ever lowers the
-    plan; rank 0's clock decides for all.
+    finish compiling. It only ever lowers the plan; rank 0's clock decides for all.
     """
     later = [r["seconds"] for r in state.rows[1:]] or [state.rows[-1]["seconds"]]
     per_epoch = max(sum(later) / len(later), later[-1])
@@ -377,89 +381,8 @@ def fit_time_budget(run: Run, state: TrainState, t_start: float) -> None:
         run.log(f"time budget {run.cfg.train.time_budget_s:.0f}s: training {state.epochs} epochs")
 
 
-def finish(run: Run, state: TrainState, interrupted: bool, t_start: float) -> Path:
-    """Rank 0 evaluates the best model and writes results.json. The `last` checkpoint stays, so that
-    `--resume --epochs N` can train the run further."""
-    if not state.rows:
-        raise FervitError(f"training stopped before the first epoch finished; nothing to evaluate in {run.run_dir}")
-    if run.ctx.is_main:
-        extra = {"best_epoch": state.best_epoch, "interrupted": interrupted, "epochs_planned": state.epochs,
-                 "wall_seconds": time.time() - t_start, "runtime": run.runtime}
-        if state.stop_reason:
-            extra["stopped"] = state.stop_reason
-        if run.ctx.enabled:
-            extra["world_size"] = run.ctx.world_size
-        finish_run(run.run_dir, run.cfg, run.data, run.splits, state.rows, run.ctx.device, run.parts.amp_dtype,
-                   run.n_params, extra, quiet=run.quiet)
-    barrier(run.ctx)
-    return run.run_dir
-
-
 def evaluate_split(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
                    cfg: RunConfig, amp_dtype, ctx: DistContext) -> dict:
-    """Loss, accuracy and confusion matrix of one split; under DDP each rank scores its slice and the
-    sums are reduced, so every rank sees the whole split's numbers."""
-    part = indices.tensor_split(ctx.world_size)[ctx.rank] if ctx.enabled else indices
-    r = evaluate(model, images, labels, part, cfg.train.eval_batch_size, amp_dtype)
-    cm = confusion_matrix(r["preds"], r["labels"], cfg.model.num_classes)
-    if not ctx.enabled:
-        return {"loss": r["loss"], "acc": r["acc"], "confusion": cm}
-    sums = torch.tensor([r["loss"] * len(part), float(len(part))], dtype=torch.float64, device=ctx.device)
-    sums = all_reduce_sum(sums, ctx)
-    cm = all_reduce_sum(cm.to(ctx.device), ctx).cpu()
-    n = max(float(sums[1]), 1.0)
-    return {"loss": float(sums[0]) / n, "acc": float(cm.diag().sum()) / n, "confusion": cm}
-
-
-def finish_run(run_dir: Path, cfg: RunConfig, data: FerData, splits: Splits, rows: list[dict],
-               device: torch.device, amp_dtype, n_params: int, extra: dict, quiet: bool = False) -> dict:
-    """Reload the best checkpoint, evaluate val and test, write curves, confusion matrix and results.json."""
-    curves_png(rows, "loss", run_dir / "loss_curve.png", "cross-entropy loss")
-    curves_png(rows, "acc", run_dir / "accuracy_curve.png", "accuracy")
-    model, _ = load_model(run_dir, device)
-    images, labels = data.images.to(device), data.labels.to(device)
-    val = evaluate(model, images, labels, splits.val.to(device), cfg.train.eval_batch_size, amp_dtype, cfg.train.tta)
-    test = evaluate(model, images, labels, splits.test.to(device), cfg.train.eval_batch_size, amp_dtype,
-                    cfg.train.tta)
-    results = Results(
-        model=model_label(cfg.model.name, cfg.model.backbone), params=n_params, protocol=cfg.data.protocol,
-        data_root=str(cfg.data.root), split_sizes=splits.sizes(), classes=list(CLASSES), epochs_completed=len(rows),
-        epochs_planned=extra.pop("epochs_planned", len(rows)), best_val_acc=max(r["val_acc"] for r in rows),
-        tta=cfg.train.tta, device=str(device), torch=torch.__version__, **extra,
-        val={**split_report(val, "validation"), "tta": cfg.train.tta},
-        test={**split_report(test, "test", run_dir, "confusion_matrix.png"), "tta": cfg.train.tta})
-    results.calibration = calibrate_run(run_dir, run_dir / WEIGHTS_NAME, val, test)  # T into the model file
-    write_results(run_dir, results)
-    if not quiet:
-        print(f"best epoch {results.best_epoch} | val acc {results.val['accuracy']:.4f} | "
-              f"test acc {results.test['accuracy']:.4f} | macro F1 {results.test['macro_avg']['f1']:.4f} | "
-              f"{run_dir}")
-        print(calibration_summary(results.calibration))
-    return results
-
-
-def load_pretrained(model: nn.Module, path: str, log=print) -> None:
-    """Load matching weights from a local .safetensors file (a fervit checkpoint or a bare state dict)."""
-    from safetensors.torch import load_file
-
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise FervitError(f"model.pretrained '{p}' does not exist; give a local .safetensors file")
-    if p.suffix != ".safetensors":
-        raise FervitError(f"model.pretrained '{p}' is not a .safetensors file; fervit never loads pickled weights")
-    if hasattr(model, "load_pretrained"):  # e.g. a timm backbone: its own loader adapts stem, head and positions
-        model.load_pretrained(p, log)
-        return
-    try:
-        state = load_file(p)
-    except Exception as e:
-        raise FervitError(f"model.pretrained '{p}' is not a readable safetensors file ({e})") from None
-    own = model.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if not usable:
-        raise FervitError(f"no tensor in '{p}' matches this model's names and shapes; is it a checkpoint of "
-                          "another architecture?")
-    model.load_state_dict(usable, strict=False)
-    log(f"loaded {len(usable)}/{len(own)} tensors from {p}")
-
-
+    """Loss, accuracy and confusion matrix of one split, scored by every rank together under DDP."""
+    return evaluate_sharded(model, images, labels, indices, cfg.train.eval_batch_size, amp_dtype,
+                            cfg.model.num_classes, ctx.rank, ctx.world_size)
