@@ -14,7 +14,7 @@ from PIL import Image
 
 cv2 = pytest.importorskip("cv2", reason="videos need the detect extra (opencv-python-headless)")
 
-from fervit.benchmark.photo import FACES  # noqa: E402
+from photo import FACES  # noqa: E402
 from fervit.cli import main  # noqa: E402
 from fervit.data.dataset import CLASSES  # noqa: E402
 from fervit.inference.faces import Box  # noqa: E402

@@ -2,7 +2,7 @@
 attention and dropout kernels alone. The figures behind the `cpu` preset's shape (BENCHMARKS.md, "CPU: the
 bf16 path"); `fervit bench` measures the shipped presets themselves.
 
-    python benchmarks/cpu_step_probe.py [--threads N]
+    python -m fervit.benchmark.cpu_step_probe [--threads N]
 """
 
 from __future__ import annotations
