@@ -13,8 +13,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fervit.data.augment import normalize, tta_mode, tta_views
-from fervit.data.dataset import IMG_SIZE
+from fervit.data.augment import normalize
+from fervit.data.images import IMG_SIZE
+from fervit.data.tta import mean_log_probs, tta_mode, tta_views
 from fervit.errors import FervitError
 from fervit.progress import progress_bar
 from fervit.inference.faces import (MARGIN, MAX_PIXELS, Box, FaceDetector, ImageError, face_crop, is_face_crop,
@@ -245,15 +246,11 @@ class Predictor:
         if len(faces) == 0:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
         x = normalize(torch.from_numpy(np.ascontiguousarray(faces)), self.meta.input.mean, self.meta.input.std)
-        logits = self.classifier(tta_views(x, self.tta, self.crop_size).numpy()).astype(np.float64)
-        logp = logits - logits.max(axis=1, keepdims=True)
-        logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
-        logp = logp.reshape(-1, len(faces), logp.shape[1]).mean(axis=0)  # TTA: mean log-probability of the views
+        logits = self.classifier(tta_views(x, self.tta, self.crop_size).numpy())
+        logp = mean_log_probs(torch.from_numpy(np.asarray(logits, dtype=np.float64)), len(faces))
         # calibrated: softmax(logits / T) (log-probabilities differ from the logits by a per-face constant, so
         # this is the same thing); T > 0 never changes which class wins
-        logp /= self.temperature
-        p = np.exp(logp - logp.max(axis=1, keepdims=True))
-        return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
+        return torch.softmax(logp / self.temperature, -1).numpy().astype(np.float32)
 
     def find_faces(self, im: Image.Image, detect: str = "auto") -> tuple[list[Box], list[np.ndarray], bool]:
         """(boxes, 48x48 crops, whole) for one image; `whole` means it was taken as a face crop."""
