@@ -62,7 +62,7 @@ def open_image(source: str | Path | bytes | BinaryIO, max_pixels: int = MAX_PIXE
     if isinstance(source, bytes):
         source = io.BytesIO(source)
     if isinstance(source, (str, Path)):
-        _check_regular_file(Path(source))
+        check_regular_file(Path(source))
     try:
         im = Image.open(source, formats=IMAGE_FORMATS)
     except FileNotFoundError:
@@ -95,7 +95,7 @@ def open_image(source: str | Path | bytes | BinaryIO, max_pixels: int = MAX_PIXE
     return im
 
 
-def _check_regular_file(path: Path) -> None:
+def check_regular_file(path: Path) -> None:
     try:
         st = path.stat()
     except FileNotFoundError:
