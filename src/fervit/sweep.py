@@ -19,8 +19,7 @@ from pathlib import Path
 
 from fervit.config import RunConfig, apply_overrides, resolve_data_root
 from fervit.errors import FervitError
-from fervit.io import write_json
-from fervit.runs import make_run_dir
+from fervit.run_folder import Trial, has_results, make_run_dir, read_results, write_trial
 from fervit.training.distributed import DistContext
 from fervit.training.resume import Preempted, StopSignals, has_checkpoint
 
@@ -213,7 +212,7 @@ def run_sweep(base: RunConfig, *, study_name: str = "fervit", storage: str | Non
         previous = trial.user_attrs.get("run_dir")  # set when a stopped trial was queued again
         # a finished run keeps its `last` checkpoint (to be extended): a worker killed after training but before
         # the trial was recorded leaves results.json, which the retry reads instead of training again
-        finished = bool(previous) and (Path(previous) / "results.json").is_file()
+        finished = bool(previous) and has_results(previous)
         resume = bool(previous) and not finished and has_checkpoint(previous)
         run_dir = Path(previous) if resume or finished else make_run_dir(folder, cfg)
         trial.set_user_attr("run_dir", str(run_dir))
@@ -228,16 +227,15 @@ def run_sweep(base: RunConfig, *, study_name: str = "fervit", storage: str | Non
         except Preempted:
             trial.study.enqueue_trial(trial.params, user_attrs={"run_dir": str(run_dir)})
             raise
-        results = json.loads((run_dir / "results.json").read_text())
-        pruned = results.get("stopped", "").startswith("pruned")
-        write_json(run_dir / "trial.json", {"study": study_name, "storage": _safe_url(url), "trial": trial.number,
-                                            "params": trial.params, "pruned": pruned})
+        results = read_results(run_dir)
+        pruned = results.was_pruned
+        write_trial(run_dir, Trial(study_name, _safe_url(url), trial.number, trial.params, pruned))
         if not quiet:
-            print(f"trial {trial.number}: best val acc {results['best_val_acc']:.4f}"
+            print(f"trial {trial.number}: best val acc {results.best_val_acc:.4f}"
                   f"{' (pruned)' if pruned else ''} | {run_dir}", flush=True)
         if pruned:
             raise optuna.TrialPruned()
-        return results["best_val_acc"]
+        return results.best_val_acc
 
     callbacks = []
     with StopSignals() as signals:  # a signal between trials: start no new one

@@ -54,7 +54,7 @@ def add_parser(sub) -> None:
 def config_from_args(args):
     """The preset (or the resumed run's config), then the direct flags, then --set overrides, in that order."""
     from fervit.config import apply_overrides, load_preset
-    from fervit.training.resume import load_run_config
+    from fervit.run_folder import config_to_resume as load_run_config
 
     if args.resume:
         if args.preset:
@@ -81,10 +81,8 @@ def default_preset(device: str | None) -> str:
 
 def run_train(args) -> int:
     """Exit 0 when the run finished, EXIT_REQUEUE (75) when a signal stopped it after a checkpoint."""
-    from pathlib import Path
-
-    from fervit.training.distributed import DistContext
-    from fervit.training.resume import EXIT_REQUEUE, Preempted, RunLock, check_config, load_run_config
+    from fervit.run_folder import is_run_folder
+    from fervit.training.resume import EXIT_REQUEUE, Preempted
     from fervit.training.trainer import train
 
     if args.resume and args.run_dir:
@@ -95,14 +93,8 @@ def run_train(args) -> int:
         raise FervitError("--parallel sets how many of --seeds or --jobs run at once; give one of them")
     cfg = config_from_args(args)
     run_dir = args.resume or args.run_dir
-    resume = bool(args.resume) or (run_dir is not None and (Path(run_dir) / "config.json").is_file())
-    if resume:  # fail fast, before any data is read
-        if os.environ.get("RANK", "0") == "0":  # a folder in use says so first, not that its recipe differs
-            probe = RunLock()
-            probe.acquire(run_dir, DistContext())
-            probe.release()
-        check_config(load_run_config(run_dir).to_dict(), cfg, Path(run_dir))
-    try:
+    resume = bool(args.resume) or (run_dir is not None and is_run_folder(run_dir))
+    try:  # train() checks the folder's lock and recipe before it reads any data
         run = train(cfg, quiet=args.quiet, run_dir=run_dir, resume=resume)
     except Preempted as e:
         if os.environ.get("RANK", "0") == "0":

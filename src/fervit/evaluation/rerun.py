@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -15,9 +14,8 @@ from fervit.errors import FervitError
 from fervit.evaluation.calibration import calibrate_run, calibration_summary
 from fervit.evaluation.evaluate import evaluate, predict_logits, split_report
 from fervit.evaluation.plots import curves_png
-from fervit.io import write_json
 from fervit.models import count_parameters, model_label
-from fervit.runs import read_metrics_csv, read_run_config
+from fervit.run_folder import METRICS, RESULTS, DamagedResults, Results, read_config, read_metrics, read_results, write_results
 from fervit.device import resolve_amp, resolve_device
 from fervit.models.checkpoint import ModelFile, find_checkpoint, load_model
 
@@ -51,7 +49,7 @@ def evaluate_checkpoint(checkpoint: str | list[str], split: str = "test", data_r
     all_weights = [find_checkpoint(c) for c in checkpoints]
     weights = all_weights[0]
     run_dir = weights.parent
-    cfg = read_run_config(run_dir, "evaluate") or split_config_from_meta(weights)
+    cfg = read_config(run_dir, "evaluate") or split_config_from_meta(weights)
     if data_root:
         cfg.data.root = data_root
     elif cfg.data.root and not Path(cfg.data.root).expanduser().exists():
@@ -111,32 +109,27 @@ def evaluate_checkpoint(checkpoint: str | list[str], split: str = "test", data_r
         calibration = calibrate_run(out_dir, weights, both["val"], both["test"])
     figure = "confusion_matrix.png" if split == "test" else "confusion_matrix_val.png"
     report = split_report(res, "test" if split == "test" else "validation", out_dir, figure)
-    results_path = out_dir / "results.json"
-    results = {}
-    if results_path.is_file():
-        try:
-            results = json.loads(results_path.read_bytes())
-        except ValueError:
-            results = None
-        if not isinstance(results, dict):
-            warnings.warn(f"'{results_path}' was damaged or not a fervit results file; it is rewritten", stacklevel=2)
-            results = {}
-    results.update({"model": model_label(meta.model.name, meta.model.backbone),
-                    "params": sum(count_parameters(m) for m, _ in models),
-                    "protocol": cfg.data.protocol, "data_root": str(cfg.data.root),
-                    "split_sizes": splits.sizes(), "classes": meta.classes, "checkpoint": str(weights) if len(models) == 1 else [str(w) for w in all_weights]})
+    try:
+        results = read_results(out_dir) or Results()
+    except DamagedResults:
+        warnings.warn(f"'{out_dir / RESULTS}' was damaged or not a fervit results file; it is rewritten", stacklevel=2)
+        results = Results()
+    results.model = model_label(meta.model.name, meta.model.backbone)
+    results.params = sum(count_parameters(m) for m, _ in models)
+    results.protocol, results.data_root = cfg.data.protocol, str(cfg.data.root)
+    results.split_sizes, results.classes = splits.sizes(), meta.classes
+    results.checkpoint = str(weights) if len(models) == 1 else [str(w) for w in all_weights]
     for other in ("val", "test"):  # each split says which test-time augmentation its numbers used
-        if isinstance(results.get(other), dict):
-            results[other].setdefault("tta", str(results.get("tta", "none")))
-    results.pop("tta", None)  # training's setting, now in each split
-    results[split] = {**report, "tta": tta}
+        if isinstance(getattr(results, other), dict):
+            getattr(results, other).setdefault("tta", str(results.tta if results.tta is not None else "none"))
+    results.tta = None  # training's setting, now in each split
+    setattr(results, split, {**report, "tta": tta})
     if calibration is not None:
-        results["calibration"] = {**calibration, "tta": tta}
-    write_json(results_path, results)
-    metrics_csv = run_dir / "training_metrics.csv"
-    if metrics_csv.is_file():
+        results.calibration = {**calibration, "tta": tta}
+    results_path = write_results(out_dir, results)
+    if (run_dir / METRICS).is_file():
         try:
-            rows = read_metrics_csv(metrics_csv)
+            rows = read_metrics(run_dir)
         except FervitError as e:  # the evaluation itself is written; only the training curves are missing
             warnings.warn(f"{e}; loss and accuracy curves are not drawn", stacklevel=2)
             rows = []

@@ -9,8 +9,6 @@ the duration and stops it after.
 from __future__ import annotations
 
 import contextlib
-import csv
-import json
 import os
 import shutil
 import signal
@@ -24,8 +22,8 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 from fervit.errors import FervitError
+from fervit.run_folder import LOG, progress_line
 
-LOG_NAME = "train.log"  # each job's stdout and stderr, kept in its run folder
 PASSED_ON = ("SIGTERM", "SIGHUP")  # stop signals the parent passes on to its jobs (SIGINT reaches them anyway)
 STOP_WAIT_S = 120.0  # how long a stopped job may take to write its checkpoint before it is killed
 
@@ -68,7 +66,7 @@ def train_job(name: str, train_args: list[str], run_dir: str | Path) -> Job:
     """A `fervit train ... --run-dir RUN_DIR --quiet` job whose log is RUN_DIR/train.log."""
     run_dir = Path(run_dir)
     cmd = [sys.executable, "-m", "fervit", "train", *train_args, "--run-dir", str(run_dir), "--quiet"]
-    return Job(name, cmd, run_dir / LOG_NAME, run_dir)
+    return Job(name, cmd, run_dir / LOG, run_dir)
 
 
 def last_error_line(log: Path) -> str:
@@ -84,18 +82,8 @@ def last_error_line(log: Path) -> str:
 
 
 def job_progress(job: Job) -> str:
-    """'epoch 3/60, val acc 0.512' from the run folder's metrics file, or '' before the first epoch."""
-    if job.run_dir is None:
-        return ""
-    try:
-        with open(job.run_dir / "training_metrics.csv", newline="") as f:
-            rows = list(csv.DictReader(f))
-        planned = json.loads((job.run_dir / "config.json").read_text())["train"]["epochs"]
-    except (OSError, ValueError, KeyError):
-        return ""
-    if not rows:
-        return ""
-    return f"epoch {rows[-1]['epoch']}/{planned}, val acc {float(rows[-1]['val_acc']):.3f}"
+    """'epoch 3/60, val acc 0.512' for a training job, or '' before its first epoch (and for other jobs)."""
+    return progress_line(job.run_dir) if job.run_dir is not None else ""
 
 
 class ProgressDisplay:

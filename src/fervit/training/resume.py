@@ -23,10 +23,7 @@ import json
 import os
 import shutil
 import signal
-import socket
-import stat
 import threading
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,19 +35,12 @@ from safetensors.torch import load_file, save
 from fervit.config import RunConfig
 from fervit.errors import FervitError
 from fervit.io import atomic_write, write_json
-from fervit.runs import METRIC_FIELDS, read_run_config
+from fervit.run_folder import LAST_DIR, LOCK_FILE, METRIC_FIELDS, FolderLock, has_results
 from fervit.models.checkpoint import WEIGHTS_NAME, unwrap
 from fervit.training.distributed import DistContext, broadcast_value, gather_tensors
 
-try:
-    import fcntl
-except ImportError:  # Windows: no flock, so run folders are not locked there
-    fcntl = None
-
 FORMAT = "fervit-resume/1"
-LAST_DIR = "last"
 MANIFEST = "manifest.json"
-LOCK_FILE = ".lock"
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: "try again later"; the Slurm scripts requeue the job on it
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1")  # Slurm: preemption, and `--signal=USR1@<s>` before the time limit
 # config keys that say where, how fast or how long to run, not what to compute: a resumed run may change them
@@ -112,72 +102,23 @@ class StopSignals:
 
 
 class RunLock:
-    """An advisory lock (flock) on `RUN_DIR/.lock`, held by rank 0 while it trains into the folder, so that a
-    second `fervit train` into the same folder stops at once instead of writing over the first.
-
-    The kernel drops the lock when the process ends, however it ends, so a crash leaves no stale lock. It needs
-    a filesystem with working flock: local disks, NFSv4 and NFSv3 with lockd (Linux maps flock to NFS byte-range
-    locks), Lustre mounted with `-o flock`; an NFS mount with `nolock` or `local_lock=flock` locks only within
-    one machine. Where flock fails outright, training warns and runs unlocked.
-    """
+    """The run folder's lock (run_folder.FolderLock), taken by rank 0 alone for every rank of a DDP run."""
 
     def __init__(self):
-        self._file = None
+        self._lock = FolderLock()
 
     def acquire(self, run_dir: str | Path | None, ctx: DistContext) -> None:
         """Take the lock on `run_dir` unless held already (a folder that does not exist yet is left for a later
         call). Collective under DDP: only rank 0 locks, and every rank raises its one-line error."""
         error = ""
-        if ctx.is_main and self._file is None and run_dir is not None and Path(run_dir).is_dir():
-            error = self._lock(Path(run_dir))
+        if ctx.is_main and not self._lock.held and run_dir is not None and Path(run_dir).is_dir():
+            error = self._lock.take(Path(run_dir))
         error = broadcast_value(error, ctx)
         if error:
             raise FervitError(error)
 
-    def _lock(self, run_dir: Path) -> str:
-        """'' once locked (or where locks do not work); else the error that names the holder."""
-        if fcntl is None:
-            return ""
-        path = run_dir / LOCK_FILE
-        try:
-            # O_NOFOLLOW: a .lock that is a symbolic link (dangling or not) is refused, never followed, so its
-            # target is not truncated and no file appears outside the run folder
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0),
-                         0o666)
-        except OSError as e:
-            if path.is_symlink():
-                return (f"{path} is a symbolic link, which fervit does not follow (it would overwrite what it points "
-                        "to); remove it and run this again")
-            return f"cannot lock the run folder {run_dir} ({e.strerror}); training needs to write in it"
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:  # a FIFO or device; or a hard link to another file
-            os.close(fd)
-            what = "a hard link to another file" if stat.S_ISREG(st.st_mode) else "a special file"
-            return f"{path} is not a plain file of this run folder ({what}); remove it and run this again"
-        f = os.fdopen(fd, "r+", encoding="utf-8", errors="replace")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = f.read().strip() or "PID unknown"  # the holder writes its PID just after it locks
-            f.close()
-            return (f"{run_dir} is in use by another fervit process ({holder}) that trains into it; wait for that "
-                    "one to end (or stop it), then run this again")
-        except OSError as e:
-            f.close()
-            warnings.warn(f"cannot lock {run_dir} ({e.strerror}): this filesystem has no working flock, so nothing "
-                          "stops a second process from training into the same folder", stacklevel=2)
-            return ""
-        f.truncate()
-        f.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
-        f.flush()
-        self._file = f
-        return ""
-
     def release(self) -> None:
-        """Drop the lock (closing the file drops it); the file stays, so no other process can lock a stale copy."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self._lock.release()
 
 
 @dataclass
@@ -236,18 +177,6 @@ def data_fingerprint(labels: torch.Tensor, splits) -> str:
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
         h.update(b"|")
     return h.hexdigest()
-
-
-def load_run_config(run_dir: str | Path) -> RunConfig:
-    """The config.json of a run folder, or a one-line error saying why this is not a run folder."""
-    run_dir = Path(run_dir).expanduser()
-    if not run_dir.is_dir():
-        raise FervitError(f"cannot resume '{run_dir}': no such folder; give a run folder written by `fervit train`")
-    cfg = read_run_config(run_dir, "resume")
-    if cfg is None:
-        raise FervitError(f"cannot resume '{run_dir}': it has no config.json, so it is not a run folder written "
-                          "by `fervit train`")
-    return cfg
 
 
 def rng_tensors(gen: torch.Generator, ctx: DistContext) -> dict[str, torch.Tensor]:
@@ -487,14 +416,13 @@ def _state_problem(meta: dict) -> str:
 
 
 def validate(state: ResumeState, cfg: RunConfig, ctx: DistContext, fingerprint: str, run_dir: Path) -> None:
-    """One-line errors for a checkpoint that this process cannot continue exactly."""
-    check_config(state.meta["config"], cfg, run_dir)
+    """One-line errors for a checkpoint that this process cannot continue exactly (its recipe is `check_config`'s)."""
     done, planned, p = state.epoch, state.planned_epochs, state.progress
     if cfg.train.epochs != planned:  # --epochs N: the trainer's `extend` re-plans the run to N epochs
         if cfg.train.epochs <= done:
             raise FervitError(f"--epochs {cfg.train.epochs}: {run_dir} has trained {done} epochs already; give more "
                               f"than {done} to train it further")
-    elif (run_dir / "results.json").is_file() and (done >= p["epochs"] or p["stop_reason"]):
+    elif has_results(run_dir) and (done >= p["epochs"] or p["stop_reason"]):
         how = f"{p['stop_reason']} after {done} epochs" if p["stop_reason"] else f"{done} epochs"
         raise FervitError(f"{run_dir} has already finished ({how}; results.json is written); to train it further, "
                           f"give --epochs N with N above {max(done, planned)}")

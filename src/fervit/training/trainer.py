@@ -27,16 +27,17 @@ from fervit.evaluation.calibration import calibrate_run, calibration_summary
 from fervit.evaluation.evaluate import evaluate, split_report
 from fervit.evaluation.metrics import confusion_matrix
 from fervit.evaluation.plots import curves_png
-from fervit.io import make_folder, write_json
+from fervit.io import make_folder
 from fervit.models import build_model, count_parameters, model_label
 from fervit.models.checkpoint import WEIGHTS_NAME, describe, load_model, save_model
-from fervit.runs import make_run_dir, read_run_config, write_metrics_csv
+from fervit.run_folder import (Results, is_run_folder, has_results, make_run_dir, read_config, set_results_aside,
+                               write_config, write_metrics, write_results)
 from fervit.training.distributed import (DistContext, all_reduce_sum, any_rank, barrier, broadcast_value, close,
                                         init_distributed, wrap_model)
 from fervit.training.epoch import (EpochParts, build_ema, build_optimizer, class_weights, maybe_compile,
                                    train_one_epoch)
 from fervit.training.resume import (CheckpointWriter, Preempted, ResumeState, RunLock, StopNow, StopSignals,
-                                    data_fingerprint, has_checkpoint, load_last, restore, restore_rng, validate)
+                                    check_config, data_fingerprint, has_checkpoint, load_last, restore, restore_rng, validate)
 from fervit.training.schedule import WarmupCosine, WarmupPlateau, apply_now, build_schedule
 from fervit.training.tensorboard import TensorBoardLog
 from fervit.training.watch import EpochBar, Figures, PlanCheck
@@ -119,17 +120,19 @@ def train(cfg: RunConfig, quiet: bool = False, data: FerData | None = None, *, r
 def _train(cfg: RunConfig, quiet: bool, data: FerData | None, run_dir, resume: bool, ctx: DistContext,
            on_epoch, signals: StopSignals, lock: RunLock, t_start: float) -> Path:
     check_request(cfg, ctx, run_dir, resume)
-    lock.acquire(run_dir, ctx)  # an existing folder: refused at once, before the data is read
+    # the run folder, its checkpoint and its recipe are checked before the data is read: a refusal is at once
+    lock.acquire(run_dir, ctx)  # a folder in use says so first, not that its recipe differs
     log = print if not quiet and ctx.is_main else (lambda *a: None)
+    saved = load_last(run_dir) if resume else None
+    if resume:
+        check_config(saved.meta["config"] if saved is not None else read_config(run_dir, "resume").to_dict(), cfg,
+                     Path(run_dir))
     data, splits = load_data(cfg, data, ctx, quiet)
     fingerprint = data_fingerprint(data.labels, splits)
-    saved = None
-    if resume:
-        saved = load_last(run_dir)
-        if saved is not None:
-            validate(saved, cfg, ctx, fingerprint, Path(run_dir))
-        else:
-            log(f"{run_dir} has no checkpoint yet: starting it from epoch 1, which is where it was")
+    if saved is not None:
+        validate(saved, cfg, ctx, fingerprint, Path(run_dir))
+    elif resume:
+        log(f"{run_dir} has no checkpoint yet: starting it from epoch 1, which is where it was")
     run_dir = open_run_dir(cfg, ctx, run_dir, lock, fresh=saved is None)
     signals.run_dir = run_dir
     run = set_up(cfg, ctx, data, splits, fingerprint, saved, run_dir, log, quiet)
@@ -180,10 +183,10 @@ def check_request(cfg: RunConfig, ctx: DistContext, run_dir, resume: bool) -> No
         raise FervitError(f"train.batch_size {cfg.train.batch_size} is the global batch and must split evenly "
                           f"over {ctx.world_size} processes; choose a multiple of {ctx.world_size}")
     if resume:
-        if run_dir is None or not (Path(run_dir) / "config.json").is_file():
+        if run_dir is None or not is_run_folder(run_dir):
             raise FervitError(f"cannot resume '{run_dir}': it is not a run folder written by `fervit train` "
                               "(no config.json)")
-        if (Path(run_dir) / "results.json").is_file() and not has_checkpoint(run_dir):
+        if has_results(run_dir) and not has_checkpoint(run_dir):
             raise FervitError(f"{run_dir} has already finished (results.json is written) and has no last/ checkpoint "
                               "to train it further from; start a new run instead")
     if cfg.train.tta == "ten_crop" and not cfg.model.takes_crops():  # now, not after training
@@ -268,7 +271,7 @@ def open_run_dir(cfg: RunConfig, ctx: DistContext, run_dir, lock: RunLock, fresh
     run_dir = Path(broadcast_value(str(run_dir), ctx))
     lock.acquire(run_dir, ctx)  # a no-op when `_train` locked it already
     if fresh and ctx.is_main:
-        write_json(run_dir / "config.json", cfg.to_dict())
+        write_config(run_dir, cfg)
     return run_dir
 
 
@@ -277,7 +280,7 @@ def resume_state(run: Run, saved: ResumeState) -> TrainState:
     state = TrainState.from_dict(saved.progress)
     restore_rng(saved, run.parts.gen, run.ctx)
     if run.ctx.is_main:  # forget an epoch a killed process logged after its last checkpoint
-        write_metrics_csv(run.run_dir / "training_metrics.csv", state.rows)
+        write_metrics(run.run_dir, state.rows)
     run.log(f"resuming after epoch {state.epoch}/{state.epochs}")
     if run.cfg.train.epochs != saved.planned_epochs:
         extend(run, state)
@@ -293,12 +296,10 @@ def extend(run: Run, state: TrainState) -> None:
     run.schedule.replan(run.steps_per_epoch * state.epochs)
     apply_now(run.parts.scheduler)  # the next step already takes the new plan's lr
     if run.ctx.is_main:  # so that a plain --resume after a stop continues to N
-        cfg = read_run_config(run.run_dir, "extend")
+        cfg = read_config(run.run_dir, "extend")
         cfg.train.epochs = state.epochs
-        write_json(run.run_dir / "config.json", cfg.to_dict())
-        results = run.run_dir / "results.json"
-        if results.is_file():  # the run is unfinished again until the extension ends (kept under another name)
-            results.replace(run.run_dir / f"results_at_epoch{state.epoch}.json")
+        write_config(run.run_dir, cfg)
+        set_results_aside(run.run_dir, state.epoch)
     run.log(f"training to {state.epochs} epochs (lr now {run.parts.optimizer.param_groups[0]['lr']:.2e})")
 
 
@@ -338,7 +339,7 @@ def run_epoch(run: Run, state: TrainState, tb: TensorBoardLog, watch: Figures | 
     else:
         state.stale += 1
     if ctx.is_main:
-        write_metrics_csv(run.run_dir / "training_metrics.csv", state.rows)
+        write_metrics(run.run_dir, state.rows)
         tb.epoch(row, val["confusion"])
         if watch is not None:
             watch.epoch(state.rows, val["confusion"])
@@ -420,30 +421,20 @@ def finish_run(run_dir: Path, cfg: RunConfig, data: FerData, splits: Splits, row
     val = evaluate(model, images, labels, splits.val.to(device), cfg.train.eval_batch_size, amp_dtype, cfg.train.tta)
     test = evaluate(model, images, labels, splits.test.to(device), cfg.train.eval_batch_size, amp_dtype,
                     cfg.train.tta)
-    results = {
-        "model": model_label(cfg.model.name, cfg.model.backbone),
-        "params": n_params,
-        "protocol": cfg.data.protocol,
-        "data_root": str(cfg.data.root),
-        "split_sizes": splits.sizes(),
-        "classes": list(CLASSES),
-        "epochs_completed": len(rows),
-        "epochs_planned": extra.pop("epochs_planned", len(rows)),
-        "best_val_acc": max(r["val_acc"] for r in rows),
-        "tta": cfg.train.tta,
-        "device": str(device),
-        "torch": torch.__version__,
-        **extra,
-        "val": {**split_report(val, "validation"), "tta": cfg.train.tta},
-        "test": {**split_report(test, "test", run_dir, "confusion_matrix.png"), "tta": cfg.train.tta},
-    }
-    results["calibration"] = calibrate_run(run_dir, run_dir / WEIGHTS_NAME, val, test)  # T into the model file
-    write_json(run_dir / "results.json", results)
+    results = Results(
+        model=model_label(cfg.model.name, cfg.model.backbone), params=n_params, protocol=cfg.data.protocol,
+        data_root=str(cfg.data.root), split_sizes=splits.sizes(), classes=list(CLASSES), epochs_completed=len(rows),
+        epochs_planned=extra.pop("epochs_planned", len(rows)), best_val_acc=max(r["val_acc"] for r in rows),
+        tta=cfg.train.tta, device=str(device), torch=torch.__version__, **extra,
+        val={**split_report(val, "validation"), "tta": cfg.train.tta},
+        test={**split_report(test, "test", run_dir, "confusion_matrix.png"), "tta": cfg.train.tta})
+    results.calibration = calibrate_run(run_dir, run_dir / WEIGHTS_NAME, val, test)  # T into the model file
+    write_results(run_dir, results)
     if not quiet:
-        print(f"best epoch {extra.get('best_epoch')} | val acc {results['val']['accuracy']:.4f} | "
-              f"test acc {results['test']['accuracy']:.4f} | macro F1 {results['test']['macro_avg']['f1']:.4f} | "
+        print(f"best epoch {results.best_epoch} | val acc {results.val['accuracy']:.4f} | "
+              f"test acc {results.test['accuracy']:.4f} | macro F1 {results.test['macro_avg']['f1']:.4f} | "
               f"{run_dir}")
-        print(calibration_summary(results["calibration"]))
+        print(calibration_summary(results.calibration))
     return results
 
 
