@@ -12,7 +12,6 @@ from the run (its protocol, seed and duplicate handling), never chosen here.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -25,7 +24,8 @@ from fervit.config import resolve_data_root
 from fervit.errors import FervitError
 from fervit.evaluation.rerun import evaluate_checkpoint
 from fervit.models import count_parameters, model_label
-from fervit.runs import read_metrics_csv, read_run_config
+from fervit.run_folder import (CONFIG, METRICS, RESULTS, DamagedResults, has_results, read_config,
+                               read_metrics_csv, read_results)
 from fervit.models.checkpoint import SplitSpec, load_model, save_model
 
 MAX_BYTES = 10 * 1024 * 1024
@@ -140,20 +140,19 @@ def check_results(results, path: Path) -> None:
 
 def check_inputs(run: Path):
     """(config, results, metrics rows) of a finished fer2013 run, every one checked; nothing is written."""
-    cfg = read_run_config(run, "ship")
-    results_path = run / "results.json"
-    if cfg is None or not results_path.is_file():
+    cfg = read_config(run, "ship")
+    results_path = run / RESULTS
+    if cfg is None or not has_results(run):
         raise FervitError(f"'{run}' is not a finished run folder (it needs config.json and results.json)")
     if cfg.data.protocol != "fer2013":
         raise FervitError(f"'{run}' used the {cfg.data.protocol} protocol; the shipped model is chosen on "
                           "PublicTest and reported on PrivateTest, so train it with --protocol fer2013")
     try:
-        results = json.loads(results_path.read_text())
-    except (OSError, ValueError, RecursionError) as e:
-        raise FervitError(f"'{results_path}' cannot be read ({e}); evaluate the run again with `fervit evaluate`") \
-            from None
+        results = read_results(run).to_dict()
+    except (DamagedResults, RecursionError) as e:
+        raise FervitError(f"{e}; evaluate the run again with `fervit evaluate`") from None
     check_results(results, results_path)
-    metrics = run / "training_metrics.csv"
+    metrics = run / METRICS
     if not metrics.is_file():
         raise FervitError(f"'{metrics}' is missing; the card describes every epoch, so ship a run that has it")
     rows = read_metrics_csv(metrics)
@@ -202,13 +201,13 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             for split in ("val", "test"):
                 print(evaluate_checkpoint(str(weights), split=split, data_root=data_root, device="cpu", output=tmp))
-            shipped = json.loads((Path(tmp) / "results.json").read_text())
+            shipped = read_results(tmp)
             shutil.copyfile(Path(tmp) / "confusion_matrix.png", staging / "confusion_matrix.png")
-        val, test = shipped["val"], shipped["test"]
+        val, test = shipped.val, shipped.test
         meta.metrics = {"val_accuracy": val["accuracy"], "test_accuracy": test["accuracy"],
                         "test_macro_f1": test["macro_avg"]["f1"], "params": count_parameters(model)}
         meta.write(weights)
-        shutil.copyfile(args.run / "config.json", staging / "train_config.json")
+        shutil.copyfile(args.run / CONFIG, staging / "train_config.json")
         (staging / "MODEL_CARD.md").write_text(card(args.run, cfg, results, val, test, rows, size, args.provenance))
         for name in SHIPPED:
             os.replace(staging / name, args.dest / name)

@@ -1,4 +1,4 @@
-"""The GPU plans (scripts/plans/*.json) are valid recipes, and the experiment script picks and reports honestly."""
+"""The GPU plans (experiments/plans/*.json) are valid recipes, and the experiment script picks and reports honestly."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ import pytest
 from fervit.config import apply_overrides, load_preset
 from fervit.models import build_model
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-PLANS = sorted((SCRIPTS / "plans").glob("*.json"))
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+PLANS = sorted((EXPERIMENTS / "plans").glob("*.json"))
 H200_RUNS = Path(__file__).resolve().parents[2] / "shared" / "gpu-runs" / "2026-11-29"
 
 
 def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
@@ -42,10 +42,10 @@ def test_every_plan_job_is_a_valid_recipe_whose_model_builds(plan):
 
 def test_the_new_plans_log_the_time_to_73_percent_and_let_the_time_budget_end_every_screen_job():
     for name in ("screen", "screen2", "seeds", "solo"):
-        data = json.loads((SCRIPTS / "plans" / f"{name}.json").read_text())
+        data = json.loads((EXPERIMENTS / "plans" / f"{name}.json").read_text())
         assert all("train.log_test=true" in job["set"] for job in data["jobs"])
     for name in ("screen", "screen2"):  # an epoch cap below what fits the budget would end a fast job early
-        data = json.loads((SCRIPTS / "plans" / f"{name}.json").read_text())
+        data = json.loads((EXPERIMENTS / "plans" / f"{name}.json").read_text())
         assert all("train.epochs=300" in job["set"] for job in data["jobs"])
 
 
@@ -75,7 +75,7 @@ def test_best_among_hybrids_skips_a_better_stem_alone_and_reads_several_screens(
     job = gpu.resolve_job({"name": "s0", "preset": "@best", "among": ["hybrid", "hybrid_plateau"]},
                           [str(one), str(two)])
     assert job["picked"] == "hybrid_plateau"
-    plans = [json.loads((SCRIPTS / "plans" / f"{n}.json").read_text()) for n in ("seeds", "solo")]
+    plans = [json.loads((EXPERIMENTS / "plans" / f"{n}.json").read_text()) for n in ("seeds", "solo")]
     assert all("hybrid_cnn" not in job["among"] for plan in plans for job in plan["jobs"])
 
 

@@ -9,7 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fervit.config import AugmentConfig, ModelConfig, load_preset
-from fervit.data.augment import augment_batch, tta_views
+from fervit.data.augment import augment_batch
+from fervit.data.tta import tta_views
 from fervit.errors import FervitError
 from fervit.evaluation.evaluate import predict_logits
 from fervit.models import build_model, count_parameters, create_model

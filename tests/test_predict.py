@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fervit.benchmark.photo import FACES, make_face_photo  # noqa: F401  (shared with other tests)
+from photo import FACES, make_face_photo  # noqa: F401  (shared with other tests)
 
 from fervit.cli import main
 from fervit.data.dataset import CLASSES, decode_image

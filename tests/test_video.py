@@ -14,7 +14,7 @@ from PIL import Image
 
 cv2 = pytest.importorskip("cv2", reason="videos need the detect extra (opencv-python-headless)")
 
-from fervit.benchmark.photo import FACES  # noqa: E402
+from photo import FACES  # noqa: E402
 from fervit.cli import main  # noqa: E402
 from fervit.data.dataset import CLASSES  # noqa: E402
 from fervit.inference.faces import Box  # noqa: E402
@@ -230,7 +230,7 @@ class FakeCamera:
 
 
 def test_webcam_classifies_live_frames_until_max_frames(crop_avi, checkpoint, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("fervit.inference.video.open_camera", lambda index: FakeCamera(crop_avi))
+    monkeypatch.setattr("fervit.inference.frames.open_camera", lambda index: FakeCamera(crop_avi))
     assert main(["predict", "--webcam", "--max-frames", "4", "--model", str(checkpoint),
                  "--out", str(tmp_path)]) == 0
     captured = capsys.readouterr()
@@ -245,7 +245,7 @@ def test_webcam_classifies_live_frames_until_max_frames(crop_avi, checkpoint, tm
 
 def test_ctrl_c_ends_a_webcam_session_and_keeps_what_was_classified(crop_avi, checkpoint, tmp_path, capsys,
                                                                     monkeypatch):
-    monkeypatch.setattr("fervit.inference.video.open_camera", lambda index: FakeCamera(crop_avi, 6))
+    monkeypatch.setattr("fervit.inference.frames.open_camera", lambda index: FakeCamera(crop_avi, 6))
     assert main(["predict", "--webcam", "2", "--model", str(checkpoint), "--out", str(tmp_path)]) == 0
     video = json.loads((tmp_path / "webcam2_emotions" / "webcam2.json").read_text())
     assert video["classified_frames"] == 6 and video["interrupted"] is True

@@ -1,5 +1,6 @@
-"""`fervit bench`: how fast fervit trains, measured beside the usual per-image pipeline in one run."""
+"""Measurement, not product: `fervit bench` (run.py: the training pipeline beside the usual per-image one),
+the inference speed bench (inference_speed.py) and the CPU step probe (cpu_step_probe.py).
 
-from fervit.benchmark.run import BenchConfig, bench_config, format_table, run_benchmark
-
-__all__ = ["BenchConfig", "bench_config", "format_table", "run_benchmark"]
+The package imports nothing itself, so that `python -m fervit.benchmark.inference_speed` can set
+OMP_WAIT_POLICY before torch is first imported.
+"""

@@ -1,6 +1,6 @@
 """Aggregate training throughput of N models trained at once, each in its own process on one device.
 
-The processes are started by `fervit.training.parallel.run_jobs` (the launcher of `fervit train --seeds`,
+The processes are started by `fervit.launcher.run_jobs` (the launcher of `fervit train --seeds`,
 under CUDA MPS where the machine has it). Each builds its model and `TrainStep`, warms up (compilation,
 CUDA graph capture), then waits at a file barrier until every process is warm, so that the timed windows
 overlap; aggregate img/s = all images / (last end - first start). Images are random uint8 faces resident on

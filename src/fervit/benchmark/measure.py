@@ -147,3 +147,17 @@ def machine_info(device: torch.device) -> dict:
     if device.type == "cuda":
         info["cuda"] = torch.version.cuda
     return info
+
+
+FER2013_EPOCH = 28_709  # images in FER-2013's train/ folder: what "seconds per epoch" means
+
+
+def train_row(images_s: float, device: torch.device) -> dict:
+    """A training figure: img/s, the seconds one FER-2013 epoch takes at that rate, and peak memory."""
+    return {"train_images_s": images_s, "epoch_s": FER2013_EPOCH / images_s, "peak_mem_mib": peak_memory_mib(device)}
+
+
+def add_tflops(row: dict, gflops_per_image: float, peak: float | None, key: str = "train_images_s") -> None:
+    """The row's achieved TFLOP/s (from its img/s under `key`) and its fraction of `peak`."""
+    row["tflops"] = gflops_per_image * row[key] / 1000
+    row["peak_fraction"] = row["tflops"] / peak if peak else None

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -125,3 +126,50 @@ def kornia_augment(cfg: AugmentConfig, size: int = 48) -> nn.Module:
         K.Normalize(mean=torch.tensor([MEAN]), std=torch.tensor([STD])),
         K.RandomErasing(scale=cfg.erase_scale, ratio=cfg.erase_ratio, value=0.0, p=cfg.erase_p),
     )
+
+
+def index_batches(indices: torch.Tensor, batches: int, batch_size: int, gen: torch.Generator):
+    """`batches` index batches drawn epoch by epoch from fresh permutations, as the trainer draws them."""
+    n, pos, order = len(indices), len(indices), indices
+    for _ in range(batches):
+        if pos + batch_size > n:
+            order, pos = indices[torch.randperm(n, generator=gen, device=indices.device)], 0
+        yield order[pos:pos + batch_size]
+        pos += batch_size
+
+
+class UsualBatches:
+    """The usual DataLoader, iterated across epoch boundaries, each batch copied to the device."""
+
+    def __init__(self, dataset: ImageFiles, batch_size: int, workers: int, device: torch.device, train: bool):
+        self.loader = usual_loader(dataset, batch_size, workers, device, train)
+        self.device = device
+        self._stream = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._stream = None
+        self.loader = None  # its persistent workers shut down with it
+
+    def _to_device(self, batch):
+        x, y = batch
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def batches(self, k: int):
+        """The next k batches, continuing where the last call stopped, wrapping over epochs."""
+        if self._stream is None:
+            self._stream = itertools.chain.from_iterable(itertools.repeat(self.loader))
+        for batch in itertools.islice(self._stream, k):
+            yield self._to_device(batch)
+
+    def take(self, k: int) -> None:
+        for _ in self.batches(k):
+            pass
+
+    def epoch(self):
+        """One whole pass, from the start of the dataset."""
+        self._stream = None
+        for batch in self.loader:
+            yield self._to_device(batch)

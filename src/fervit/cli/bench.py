@@ -61,7 +61,9 @@ def command_line(args) -> str:
 
 
 def run_bench(args) -> int:
-    from fervit.benchmark import bench_config, format_table, run_benchmark
+    from fervit.benchmark.config import bench_config
+    from fervit.benchmark.run import run_benchmark
+    from fervit.benchmark.table import format_table
     from fervit.config import resolve_data_root
     from fervit.io import write_json
     from fervit.device import resolve_device

@@ -59,7 +59,7 @@ def run_predict(args) -> int:
         raise FervitError(f"--batch-size must be at least 1, got {args.batch_size}")
     if not args.inputs and args.webcam is None:
         raise FervitError("nothing to predict: give image or video files, a folder, - for stdin, or --webcam")
-    from fervit.inference.video import is_video
+    from fervit.inference.frames import is_video
 
     if args.webcam is not None or any(is_video(i) for i in args.inputs):
         from fervit.cli.video import run_video

@@ -36,7 +36,7 @@ def run_video(args) -> int:
     """Videos named on the command line, or the webcam; returns the exit status."""
     from fervit.inference.faces import ImageError
     from fervit.inference.predictor import Predictor
-    from fervit.inference.video import FrameReader, is_video, open_camera, open_video
+    from fervit.inference.frames import FrameReader, is_video, open_camera, open_video
 
     videos = [i for i in args.inputs if is_video(i)]
     check_args(args, videos)
@@ -68,7 +68,7 @@ def run_video(args) -> int:
     if args.json:
         print(json.dumps([r.to_dict(predictor.classes) for r in results], indent=1))
     elif args.csv:
-        from fervit.inference.video import write_csv
+        from fervit.inference.video_outputs import write_csv
 
         write_csv(results, predictor.classes, sys.stdout)
     if failed and not live:
@@ -83,7 +83,8 @@ def _one(predictor, name: str, reader, detect: str, args, base: Path, live: bool
     """Classify one source into its new folder; (VideoResult, folder or None when nothing was decoded)."""
     from tqdm.auto import tqdm
 
-    from fervit.inference.video import AnnotatedVideo, output_dir, predict_frames, write_outputs
+    from fervit.inference.video import predict_frames
+    from fervit.inference.video_outputs import AnnotatedVideo, output_dir, write_outputs
 
     folder = output_dir(base, name)
     stem = Path(name).stem

@@ -23,21 +23,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from fervit.data.images import IMG_SIZE, decode_image
 from fervit.errors import FervitError
 from fervit.io import atomic_write
 from fervit.progress import progress_bar
 
 CLASSES = ("angry", "disgusted", "fearful", "happy", "neutral", "sad", "surprised")
-IMG_SIZE = 48
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp"}
-# Formats an image may be in, told by Pillow from its bytes (never the extension): training and `predict` read
-# the same ones. JPEG covers cameras' MPO files; PIL would also open EPS (through Ghostscript) and other rarities.
-IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
-MAX_PIXELS = 50_000_000  # a 50 MP photo decodes to 150 MB of RGB; larger is refused before decoding
-# fervit refuses images over its own, smaller pixel limit before decoding them, so Pillow's bomb warning
-# (issued at 89 MP, before fervit's check can run) only adds noise
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 ALIASES = {"disgust": "disgusted", "fear": "fearful", "surprise": "surprised"}
 # fer2013.csv label order: 0=angry 1=disgust 2=fear 3=happy 4=sad 5=surprise 6=neutral
 CSV_LABELS = (0, 1, 2, 3, 5, 6, 4)
@@ -290,50 +282,6 @@ def _usage_of(name: str) -> int:
         if name.startswith(usage + "_"):
             return i
     return 0
-
-
-def to_8bit(im: Image.Image) -> Image.Image:
-    """16-bit, 32-bit integer and float images scaled (not clipped) to mode L; other modes unchanged.
-
-    Integer images are taken as 16-bit (x/257), which is what PNG and TIFF store; floats in [0, 1] are
-    x*255, floats in [0, 255] are kept, and any other range is stretched from its own min to its max.
-    """
-    if im.mode not in ("I", "F") and not im.mode.startswith("I;16"):
-        return im
-    arr = np.asarray(im).astype(np.float64)
-    lo, hi = (float(arr.min()), float(arr.max())) if arr.size and np.isfinite(arr).all() else (0.0, 0.0)
-    if im.mode != "F" and lo >= 0 and hi <= 65535:
-        scale, offset = 1 / 257, 0.0
-    elif im.mode == "F" and lo >= 0 and hi <= 1:
-        scale, offset = 255.0, 0.0
-    elif im.mode == "F" and lo >= 0 and hi <= 255:
-        scale, offset = 1.0, 0.0
-    else:  # an unusual range (negative values, 32-bit counts, NaN): stretch what is there
-        arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
-        lo, hi = float(arr.min()), float(arr.max())
-        scale, offset = (255.0 / (hi - lo) if hi > lo else 0.0), lo
-    return Image.fromarray(np.clip(np.rint((arr - offset) * scale), 0, 255).astype(np.uint8), "L")
-
-
-def check_pixels(im: Image.Image, max_pixels: int = MAX_PIXELS) -> None:
-    """ValueError when `im` declares more than `max_pixels`, checked before its pixels are decoded."""
-    w, h = im.size
-    if w * h > max_pixels:
-        raise ValueError(f"too large: {w}x{h} pixels is more than the {max_pixels / 1e6:g} MP limit")
-
-
-def decode_image(source) -> np.ndarray:
-    """An image (path or file object) in one of `IMAGE_FORMATS` as a (48, 48) uint8 grayscale array."""
-    with Image.open(source, formats=IMAGE_FORMATS) as im:
-        check_pixels(im)
-        im.load()
-        im = to_8bit(im)
-        if im.mode not in ("L", "RGB"):
-            im = im.convert("RGBA").convert("RGB") if "A" in im.mode or im.mode == "P" else im.convert("RGB")
-        im = im.convert("L")
-        if im.size != (IMG_SIZE, IMG_SIZE):
-            im = im.resize((IMG_SIZE, IMG_SIZE), Image.Resampling.BILINEAR)
-        return np.asarray(im, dtype=np.uint8)
 
 
 def _decode_one(path: Path):

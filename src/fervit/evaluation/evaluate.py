@@ -8,8 +8,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fervit.data.augment import MEAN, STD, normalize, tta_mode, tta_views
+from fervit.data.augment import MEAN, STD, normalize
 from fervit.data.dataset import CLASSES
+from fervit.data.tta import mean_log_probs, tta_mode, tta_views
 from fervit.device import autocast
 from fervit.evaluation.metrics import classification_report, confusion_matrix
 from fervit.evaluation.plots import confusion_matrix_png
@@ -42,9 +43,8 @@ def predict_logits(model: nn.Module, images: torch.Tensor, indices: torch.Tensor
         with autocast(device, amp_dtype):
             if mode == "none":
                 logits = model(x).float()
-            else:  # views of one face are batch_size apart; average their log-probabilities
-                views = F.log_softmax(model(tta_views(x, mode, crop)).float(), -1)
-                logits = views.view(-1, *x.shape[:1], views.shape[-1]).mean(0)
+            else:
+                logits = mean_log_probs(model(tta_views(x, mode, crop)).float(), len(x))
         out.append(logits)
     return torch.cat(out) if out else torch.zeros(0, len(CLASSES), device=device)
 

@@ -7,7 +7,7 @@ import warnings
 from pathlib import Path
 
 from fervit.config import RunConfig, resolve_data_root
-from fervit.data.augment import tta_mode
+from fervit.data.tta import tta_mode
 from fervit.data.dataset import load_fer
 from fervit.data.splits import make_splits
 from fervit.errors import FervitError

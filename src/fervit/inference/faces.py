@@ -5,7 +5,7 @@ that ships inside OpenCV's wheel frames a face almost exactly like a training im
 measured: over 148 FER test faces pasted onto textured photos at 100-200 px, the crop's mean
 absolute difference from the original training image is lowest at 0-2% extra per side (26.5
 grey levels, against 28.7 at 4% and 28.2 at -2%), so we add 1%. `face_crop` then converts to
-48x48 grayscale with the same PIL operations as `fervit.data.dataset.decode_image`.
+48x48 grayscale with training's own `fervit.data.images.to_gray` and `to_face`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from fervit.data.dataset import IMAGE_FORMATS, IMG_SIZE, MAX_PIXELS, check_pixels, to_8bit
+from fervit.data.images import IMAGE_FORMATS, MAX_PIXELS, check_pixels, to_8bit, to_face, to_gray
 from fervit.errors import FervitError
 
 FACE_CROP_MAX_SIDE = 128  # images whose longer side is at most this are taken to be face crops already
@@ -62,7 +62,7 @@ def open_image(source: str | Path | bytes | BinaryIO, max_pixels: int = MAX_PIXE
     if isinstance(source, bytes):
         source = io.BytesIO(source)
     if isinstance(source, (str, Path)):
-        _check_regular_file(Path(source))
+        check_regular_file(Path(source))
     try:
         im = Image.open(source, formats=IMAGE_FORMATS)
     except FileNotFoundError:
@@ -95,7 +95,7 @@ def open_image(source: str | Path | bytes | BinaryIO, max_pixels: int = MAX_PIXE
     return im
 
 
-def _check_regular_file(path: Path) -> None:
+def check_regular_file(path: Path) -> None:
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -129,21 +129,6 @@ def _signature(source) -> str | None:
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "WEBP"
     return next((fmt for magic, fmt in SIGNATURES.items() if head.startswith(magic)), None)
-
-
-def to_gray(im: Image.Image) -> Image.Image:
-    """Mode L exactly as training converts: palette/alpha images go through RGB first, 16-bit/float are scaled."""
-    im = to_8bit(im)
-    if im.mode not in ("L", "RGB"):
-        im = im.convert("RGBA").convert("RGB") if "A" in im.mode or im.mode == "P" else im.convert("RGB")
-    return im.convert("L")
-
-
-def to_face(gray: Image.Image) -> np.ndarray:
-    """A grayscale face image -> (48, 48) uint8, resized exactly like `decode_image`."""
-    if gray.size != (IMG_SIZE, IMG_SIZE):
-        gray = gray.resize((IMG_SIZE, IMG_SIZE), Image.Resampling.BILINEAR)
-    return np.asarray(gray, dtype=np.uint8)
 
 
 def face_crop(gray: Image.Image, box: Box, margin: float = MARGIN) -> np.ndarray:

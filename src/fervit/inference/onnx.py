@@ -180,7 +180,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike |
     """
     from fervit.config import resolve_data_root
     from fervit.models.checkpoint import find_checkpoint, load_model
-    from fervit.runs import read_run_config
+    from fervit.run_folder import read_config
 
     weights = find_checkpoint(checkpoint)
     model, meta = load_model(weights, "cpu")
@@ -189,7 +189,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike |
         raise FervitError(f"output '{out}' should end in .onnx")
     images = labels = None
     if check_images > 0:  # the faces first: a missing data folder must not leave an unchecked export behind
-        run_cfg = read_run_config(weights.parent, "export")
+        run_cfg = read_config(weights.parent, "export")
         trained_on = run_cfg.data.root if run_cfg is not None else ""
         root = data_root or (trained_on if trained_on and Path(trained_on).is_dir() else "")
         images, labels = real_test_slice(resolve_data_root(root), check_images, progress)

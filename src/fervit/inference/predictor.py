@@ -13,13 +13,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fervit.data.augment import normalize, tta_mode, tta_views
-from fervit.data.dataset import IMG_SIZE
+from fervit.data.augment import normalize
+from fervit.data.images import IMG_SIZE
+from fervit.data.tta import mean_log_probs, tta_mode, tta_views
 from fervit.errors import FervitError
 from fervit.progress import progress_bar
 from fervit.inference.faces import (MARGIN, MAX_PIXELS, Box, FaceDetector, ImageError, face_crop, is_face_crop,
                                     open_image, to_face, to_gray)
 from fervit.models.checkpoint import WEIGHTS_NAME, ModelFile
+from fervit.run_folder import METRICS, DamagedResults, has_results, read_results
 
 DETECT_MODES = ("auto", "always", "never")  # auto: small images are face crops, larger ones are searched
 RUNS_DIR = "runs"
@@ -93,10 +95,10 @@ def newest_finished_run(runs_dir: str | os.PathLike = RUNS_DIR) -> Path | None:
     since `fervit evaluate` rewrites results.json later."""
     root = Path(runs_dir).expanduser()
     found = [p.parent for p in root.rglob(WEIGHTS_NAME)
-             if p.is_file() and (p.parent / "results.json").is_file()] if root.is_dir() else []
+             if p.is_file() and has_results(p.parent)] if root.is_dir() else []
 
     def ended(run: Path) -> int:
-        metrics = run / "training_metrics.csv"
+        metrics = run / METRICS
         return (metrics if metrics.is_file() else run / WEIGHTS_NAME).stat().st_mtime_ns
 
     return max(found, key=ended) if found else None
@@ -119,8 +121,6 @@ def resolve_model(model: str | os.PathLike | None, runs_dir: str | os.PathLike =
 
 def model_line(path: Path, meta: ModelFile) -> str:
     """One line saying which model answers: its file, name, epoch and the accuracies it recorded."""
-    import json
-
     facts = [meta.model.name if meta.model.name != "timm" else f"timm {meta.model.backbone}"]
     if meta.epoch is not None:
         facts.append(f"epoch {meta.epoch}")
@@ -128,11 +128,11 @@ def model_line(path: Path, meta: ModelFile) -> str:
     if val is not None:
         facts.append(f"val acc {val:.1%}")
     test = meta.metrics.get("test_accuracy")
-    results = path.parent / "results.json" if path.suffix != ".onnx" else path.with_name("results.json")
-    if test is None and results.is_file():  # a run folder: the test accuracy its training measured at the end
+    if test is None:  # a run folder (or an export inside one): the test accuracy its training measured at the end
         try:
-            test = ((json.loads(results.read_bytes()) or {}).get("test") or {}).get("accuracy")
-        except (OSError, ValueError, AttributeError):
+            results = read_results(path.parent)
+            test = (results.test or {}).get("accuracy") if results is not None else None
+        except (DamagedResults, AttributeError):
             test = None
     if isinstance(test, (int, float)):
         facts.append(f"test acc {test:.1%}")
@@ -245,15 +245,11 @@ class Predictor:
         if len(faces) == 0:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
         x = normalize(torch.from_numpy(np.ascontiguousarray(faces)), self.meta.input.mean, self.meta.input.std)
-        logits = self.classifier(tta_views(x, self.tta, self.crop_size).numpy()).astype(np.float64)
-        logp = logits - logits.max(axis=1, keepdims=True)
-        logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
-        logp = logp.reshape(-1, len(faces), logp.shape[1]).mean(axis=0)  # TTA: mean log-probability of the views
+        logits = self.classifier(tta_views(x, self.tta, self.crop_size).numpy())
+        logp = mean_log_probs(torch.from_numpy(np.asarray(logits, dtype=np.float64)), len(faces))
         # calibrated: softmax(logits / T) (log-probabilities differ from the logits by a per-face constant, so
         # this is the same thing); T > 0 never changes which class wins
-        logp /= self.temperature
-        p = np.exp(logp - logp.max(axis=1, keepdims=True))
-        return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
+        return torch.softmax(logp / self.temperature, -1).numpy().astype(np.float32)
 
     def find_faces(self, im: Image.Image, detect: str = "auto") -> tuple[list[Box], list[np.ndarray], bool]:
         """(boxes, 48x48 crops, whole) for one image; `whole` means it was taken as a face crop."""

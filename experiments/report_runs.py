@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Markdown rows for RESULTS.md from the summary.json that `scripts/gpu_experiment.py` brings back.
+"""Markdown rows for RESULTS.md from the summary.json that `experiments/gpu_experiment.py` brings back.
 
-    python scripts/report_runs.py ../shared/gpu-runs/DATE/callN-summary.json [...]
+    python experiments/report_runs.py ../shared/gpu-runs/DATE/callN-summary.json [...]
 
 One row per job (recipe, parameters, epochs, PublicTest, PrivateTest, mirror and ten-crop TTA, disgusted recall,
 and with `train.log_test` the training time until PrivateTest first reached 73%), one per ensemble, and for jobs
@@ -84,7 +84,7 @@ JOB_FIELDS = {"val_acc": (_fraction, "an accuracy in [0, 1]", True),
 
 
 def check_summary(summary) -> None:
-    """ValueError naming the first field that is not what scripts/gpu_experiment.py writes: a damaged summary
+    """ValueError naming the first field that is not what experiments/gpu_experiment.py writes: a damaged summary
     must not pick its best job from strings, nor group different recipes as seeds."""
     if not isinstance(summary, dict):
         raise ValueError("it is not a JSON object")
@@ -172,11 +172,11 @@ def main(argv=None) -> int:
         try:
             reports.append(report(path))
         except RecursionError:  # json gives up on deeply nested input this way
-            print(f"report_runs: error: '{path}' is not a readable summary written by scripts/gpu_experiment.py "
+            print(f"report_runs: error: '{path}' is not a readable summary written by experiments/gpu_experiment.py "
                   "(it is nested too deeply)", file=sys.stderr)
             return 2
         except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:  # ValueError: damaged JSON
-            print(f"report_runs: error: '{path}' is not a readable summary written by scripts/gpu_experiment.py "
+            print(f"report_runs: error: '{path}' is not a readable summary written by experiments/gpu_experiment.py "
                   f"({type(e).__name__}: {e})", file=sys.stderr)
             return 2
     print("\n\n".join(reports))

@@ -1,11 +1,11 @@
 """Inference speed on the CPU: eager PyTorch vs ONNX Runtime, batch-1 latency and batched throughput.
 
-    python benchmarks/bench_inference.py [--threads 2] [--model RUN_DIR ...] [--photo PHOTO.jpg]
-    python benchmarks/bench_inference.py --user-waits [--model A --model B] [--data ROOT]
+    python -m fervit.benchmark.inference_speed [--threads 2] [--model RUN_DIR ...] [--photo PHOTO.jpg]
+    python -m fervit.benchmark.inference_speed --user-waits --photo PHOTO.jpg [--model A --model B] [--data ROOT]
 
-`--user-waits` times what a user waits for, per model: one FER face and one 760x400 photo with three faces
-through the `fervit predict` command (a fresh process each time: start-up, model load, detection, forward)
-and through `fervit serve`'s API (the app in process, one request after another). Without --model it
+`--user-waits` times what a user waits for, per model: one FER face and one photo (the tests' three-face
+demo photo: `python tests/photo.py three_faces.jpg`) through the `fervit predict` command (a fresh process
+each time: start-up, model load, detection, forward) and through `fervit serve`'s API (the app in process, one request after another). Without --model it
 compares nothing but the shipped model.
 
 Without --model it times both architectures at their preset sizes (vit_cnn.json, vit_patch.json, and
@@ -32,15 +32,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from fervit.benchmark.measure import cpu_name  # noqa: E402
 
 
 def latency_ms(fn, x, warmup: int, runs: int) -> tuple[float, float]:
@@ -110,7 +102,9 @@ def main(argv=None) -> int:
     ap.add_argument("--data", help="FER root for --user-waits' faces (default: as fervit resolves it)")
     args = ap.parse_args(argv)
     if args.user_waits:
-        return user_waits(args.model, args.data, args.threads)
+        if not args.photo:
+            ap.error("--user-waits times a photo too: give --photo PHOTO.jpg (python tests/photo.py makes one)")
+        return user_waits(args.model, args.data, args.threads, Path(args.photo))
 
     from fervit.data.augment import normalize
     from fervit.inference.onnx import export_onnx, load_onnx
@@ -169,21 +163,24 @@ def main(argv=None) -> int:
     return 0
 
 
-def user_waits(models: list[str], data: str | None, threads: int, cli_runs: int = 5, api_runs: int = 30) -> int:
-    """Median wall time of one face and one photo through `fervit predict` (a new process each) and
+FACE = "test/happy/PrivateTest_10077120.jpg"  # the FER-2013 face timed alone, under the data root
+
+
+def user_waits(models: list[str], data: str | None, threads: int, photo: Path, cli_runs: int = 5,
+               api_runs: int = 30) -> int:
+    """Median wall time of one face and `photo` through `fervit predict` (a new process each) and
     `fervit serve` (in-process app, sequential requests), for each model (default: the shipped one)."""
     import subprocess
 
     from fastapi.testclient import TestClient
 
-    from fervit.benchmark.photo import FACES, make_face_photo
     from fervit.config import resolve_data_root
     from fervit.inference.predictor import Predictor, shipped_model
     from fervit.serve.app import create_app
 
     root = Path(resolve_data_root(data or ""))
     tmp = Path(tempfile.mkdtemp(prefix="fervit-waits-"))
-    face, photo = root / "test" / FACES[0][0], make_face_photo(root, tmp / "three_faces.jpg")
+    face, photo = root / FACE, photo.resolve()
     models = [str(Path(m).resolve()) for m in models] or [str(shipped_model())]
     Predictor.load(models[0])  # untimed: the first load also pays for the imports
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}

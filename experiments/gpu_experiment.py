@@ -1,14 +1,14 @@
 """One whole accuracy experiment for one lent GPU command (<= 10 minutes).
 
 Trains several configurations in parallel on one GPU (each a normal `fervit train` run with a
-time budget, launched by `fervit.training.parallel.run_jobs` (under CUDA MPS with --mps on), its
+time budget, launched by `fervit.launcher.run_jobs` (under CUDA MPS with --mps on), its
 log in its run folder), then evaluates each with and without mirror TTA (and ten-crop TTA for models trained
 on crops) and the requested ensembles, and packs everything for the trip back: `$OUT/summary.json`,
 `$OUT/runs.tar.gz` (run folders without weights) and `$OUT/<job>.safetensors` for the best jobs' checkpoints
-in fp16 (their .json sidecars are in the tarball), as many as the device tool brings back (8 files of at most
-16 MiB, 64 MiB in all).
+in fp16 (their .json descriptions are in the tarball), as many as come back from the GPU machine
+(`ReturnLimits`: by default 8 files of at most 16 MiB, 64 MiB in all).
 
-    python scripts/gpu_experiment.py --data /tmp/fer --out $OUT --plan scripts/plans/screen.json
+    python experiments/gpu_experiment.py --data /tmp/fer --out $OUT --plan experiments/plans/screen.json
 
 A plan is JSON: {"budget": seconds of training per job, "jobs": [{name, preset, set: [...]}],
 "ensembles": {name: [jobs]}}. A job whose preset is "@best" copies the preset and settings of the job with
@@ -26,12 +26,18 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from fervit.launcher import run_jobs, train_job
+from fervit.models.checkpoint import load_model, save_model
+from fervit.run_folder import has_results, read_config, read_metrics, read_results
 
 
 def main() -> int:
@@ -49,9 +55,15 @@ def main() -> int:
     ap.add_argument("--protocol", default="fer2013")
     ap.add_argument("--parallel", type=int, default=0, help="jobs at a time (default: all)")
     ap.add_argument("--mps", choices=["auto", "on", "off"], default="off",
-                    help="CUDA MPS for the jobs (default off: time-slicing is what the 2026-11-29 H200 runs used; turn it "
-                         "on once the bench shows MPS working and faster there)")
+                    help="CUDA MPS for the jobs (default off: the plans' budgets were sized for time-sliced jobs; "
+                         "turn it on where the bench shows MPS working and faster)")
     ap.add_argument("--ckpt-jobs", default="", help="comma-separated jobs whose checkpoints come back (default all)")
+    ap.add_argument("--return-files", type=int, default=ReturnLimits.files,
+                    help=f"files $OUT may hold for the trip back (default {ReturnLimits.files})")
+    ap.add_argument("--return-file-mib", type=float, default=ReturnLimits.file_mib,
+                    help=f"MiB one file may have (default {ReturnLimits.file_mib:g})")
+    ap.add_argument("--return-total-mib", type=float, default=ReturnLimits.total_mib,
+                    help=f"MiB all of $OUT may have (default {ReturnLimits.total_mib:g})")
     args = ap.parse_args()
     t0 = time.time()
     out = Path(args.out)
@@ -87,7 +99,7 @@ def main() -> int:
     summary = {"plan": plan, "budget_s": budget, "jobs": {}, "ensembles": {}, "wall_s": None}
     run_dirs = {}
     for r in results:
-        if not r.ok or not (r.run_dir / "results.json").is_file():
+        if not r.ok or not has_results(r.run_dir):
             summary["jobs"][r.name] = {"error": r.error or "no results.json", "log": r.log.read_text()[-3000:]}
             continue
         run_dirs[r.name] = r.run_dir
@@ -108,13 +120,13 @@ def main() -> int:
         accs = dict(zip(evals, pool.map(lambda a: evaluate(data=data, dirs=a[0], split=a[1], tta=a[2], out=a[3]),
                                         evals.values())))
     for name, run_dir in run_dirs.items():
-        res = json.loads((run_dir / "results.json").read_text())
+        res = read_results(run_dir)
         summary["jobs"][name] = {
-            "run": run_dir.name, "cmd": cmds[name], "params": res["params"],
-            "epochs": res["epochs_completed"], "best_epoch": res["best_epoch"], "wall_s": res["wall_seconds"],
-            "val_acc": res["val"]["accuracy"], "test_acc": res["test"]["accuracy"],
-            "test_macro_f1": res["test"]["macro_avg"]["f1"],
-            "disgusted_recall": res["test"]["per_class"]["disgusted"]["recall"],
+            "run": run_dir.name, "cmd": cmds[name], "params": res.params,
+            "epochs": res.epochs_completed, "best_epoch": res.best_epoch, "wall_s": res.wall_seconds,
+            "val_acc": res.val["accuracy"], "test_acc": res.test["accuracy"],
+            "test_macro_f1": res.test["macro_avg"]["f1"],
+            "disgusted_recall": res.test["per_class"]["disgusted"]["recall"],
             **{k: v for (n, k), v in accs.items() if n == name}, **training_curve(run_dir)}
         print(name, json.dumps(summary["jobs"][name]), flush=True)
     for ens, members in plan.get("ensembles", {}).items():
@@ -129,14 +141,24 @@ def main() -> int:
                     filter=lambda ti: None if ti.name.endswith(".safetensors") else ti)
     wanted = [j for j in args.ckpt_jobs.split(",") if j] or sorted(
         (n for n in run_dirs if "val_acc" in summary["jobs"].get(n, {})), key=lambda n: -summary["jobs"][n]["val_acc"])
-    summary["checkpoints"] = pack_checkpoints(run_dirs, wanted, out)
+    limits = ReturnLimits(args.return_files, args.return_file_mib, args.return_total_mib)
+    summary["checkpoints"] = pack_checkpoints(run_dirs, wanted, out, limits)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"done in {time.time() - t0:.0f}s", flush=True)
     return 0
 
 
 TTA_KEY = {"mirror": "tta", "ten_crop": "tta10"}  # summary keys: val_acc_tta, test_acc_tta10, ...
-FILE_LIMIT, TOTAL_LIMIT, MAX_FILES = 16 * 2**20, 64 * 2**20, 8  # what the device tool brings back from $OUT
+
+
+@dataclass(frozen=True)
+class ReturnLimits:
+    """What the GPU machine lets come back from $OUT: anything past it stays behind, so the checkpoints are
+    packed best first and only while they fit. The defaults are the limits of the machines lent so far."""
+
+    files: int = 8
+    file_mib: float = 16
+    total_mib: float = 64
 
 
 def data_slice(root: Path, n: int, target: Path) -> Path:
@@ -178,47 +200,47 @@ def resolve_job(job: dict, pick_from: list[str] | None) -> dict:
 
 def tta_modes(run_dirs) -> list[str]:
     """Mirror TTA for every model, ten-crop too when every model was trained on crops."""
-    models = [json.loads((Path(d) / "config.json").read_text())["model"] for d in run_dirs]
-    crops = [0 < m.get("crop_size", 0) < m.get("img_size", 48) for m in models]
-    return ["mirror", "ten_crop"] if all(crops) else ["mirror"]
+    takes_crops = [read_config(d, "evaluate").model.takes_crops() for d in run_dirs]
+    return ["mirror", "ten_crop"] if all(takes_crops) else ["mirror"]
 
 
 def training_curve(run_dir: Path) -> dict:
-    """From training_metrics.csv: final training accuracy, training seconds, and (with train.log_test) the
+    """From the run's metrics: final training accuracy, training seconds, and (with train.log_test) the
     training seconds and epochs until PrivateTest accuracy first reached 70% and 73%. Reported only."""
-    import csv
-
-    rows = list(csv.DictReader(open(run_dir / "training_metrics.csv")))
-    out = {"final_train_acc": float(rows[-1]["train_acc"]), "train_s": sum(float(r["seconds"]) for r in rows)}
+    rows = read_metrics(run_dir) or []
+    out = {"final_train_acc": rows[-1]["train_acc"], "train_s": sum(r["seconds"] for r in rows)}
     if rows and "test_acc" in rows[0]:
-        out["best_logged_test_acc"] = max(float(r["test_acc"]) for r in rows)
+        out["best_logged_test_acc"] = max(r["test_acc"] for r in rows)
         for goal in (0.70, 0.73):
             elapsed = 0.0
             for r in rows:
-                elapsed += float(r["seconds"])
-                if float(r["test_acc"]) >= goal:
-                    out[f"time_to_{goal:.2f}"] = {"seconds": elapsed, "epoch": int(r["epoch"])}
+                elapsed += r["seconds"]
+                if r["test_acc"] >= goal:
+                    out[f"time_to_{goal:.2f}"] = {"seconds": elapsed, "epoch": r["epoch"]}
                     break
     return out
 
 
-def pack_checkpoints(run_dirs: dict, wanted: list[str], out: Path) -> dict:
-    """Each wanted job's best checkpoint as `$OUT/<job>.safetensors` in fp16 (how the model would ship),
-    best first, while the files fit what comes back; returns what was packed or why not."""
-    from safetensors.torch import load_file, save_file
-
-    packed, used = {}, sum(f.stat().st_size for f in out.iterdir()) + 2 * 2**20  # + summary.json, runs.tar.gz
-    for name in wanted:
-        if name not in run_dirs:
-            continue
-        state = {k: v.half() if v.is_floating_point() else v
-                 for k, v in load_file(run_dirs[name] / "best_model.safetensors").items()}
-        size = sum(v.numel() * v.element_size() for v in state.values())
-        if size > FILE_LIMIT or used + size > TOTAL_LIMIT or list(packed.values()).count("fp16") + 2 >= MAX_FILES:
-            packed[name] = f"not packed: {size / 2**20:.1f} MiB in fp16 does not fit what comes back"
-            continue
-        save_file(state, out / f"{name}.safetensors", metadata={"format": "fervit-model/1"})
-        packed[name], used = "fp16", used + size
+def pack_checkpoints(run_dirs: dict, wanted: list[str], out: Path, limits: ReturnLimits = ReturnLimits()) -> dict:
+    """Each wanted job's best checkpoint as `$OUT/<job>.safetensors` in fp16 (written by the package's
+    `save_model`, as the model would ship), best first, while the files fit `limits`; returns what was
+    packed or why not."""
+    mib = 2**20
+    packed, used = {}, sum(f.stat().st_size for f in out.iterdir()) + 2 * mib  # + summary.json, runs.tar.gz
+    files = 2  # summary.json and runs.tar.gz
+    with tempfile.TemporaryDirectory(prefix="fervit-pack-") as staging:
+        for name in wanted:
+            if name not in run_dirs:
+                continue
+            model, meta = load_model(run_dirs[name])
+            meta.dtype = "float16"
+            weights = save_model(model, meta, Path(staging) / f"{name}.safetensors", dtype=torch.float16)
+            size = weights.stat().st_size
+            if size > limits.file_mib * mib or used + size > limits.total_mib * mib or files >= limits.files:
+                packed[name] = f"not packed: {size / mib:.1f} MiB in fp16 does not fit what comes back"
+                continue
+            shutil.move(weights, out / weights.name)  # its description is the run's own, in runs.tar.gz
+            packed[name], used, files = "fp16", used + size, files + 1
     return packed
 
 
@@ -230,7 +252,7 @@ def evaluate(dirs, data, split, tta, out) -> float | None:
     if r.returncode:
         print(r.stderr[-1000:], flush=True)
         return None
-    return json.loads((out / "results.json").read_text())[split]["accuracy"]
+    return getattr(read_results(out), split)["accuracy"]
 
 
 if __name__ == "__main__":

@@ -1,4 +1,9 @@
-"""The demo photo the inference benchmark and the predict/serve tests share: three real FER-2013 faces."""
+"""The demo photo of the predict, serve and video tests: three real FER-2013 faces on a textured background.
+
+    python tests/photo.py three_faces.jpg [--data ROOT]
+
+writes it for the inference speed bench (`python -m fervit.benchmark.inference_speed --photo ...`).
+"""
 
 from __future__ import annotations
 
@@ -23,3 +28,15 @@ def make_face_photo(data_root: Path, path: Path) -> Path:
         photo.paste(face, (x, y))
     photo.save(path, quality=95)
     return path
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from fervit.config import resolve_data_root
+
+    ap = argparse.ArgumentParser(description="write the three-face demo photo")
+    ap.add_argument("out", type=Path, help="where the JPEG goes")
+    ap.add_argument("--data", default="", help="FER-2013 root (default: as fervit resolves it)")
+    args = ap.parse_args()
+    print(make_face_photo(Path(resolve_data_root(args.data)), args.out))

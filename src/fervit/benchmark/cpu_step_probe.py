@@ -2,7 +2,7 @@
 attention and dropout kernels alone. The figures behind the `cpu` preset's shape (BENCHMARKS.md, "CPU: the
 bf16 path"); `fervit bench` measures the shipped presets themselves.
 
-    python benchmarks/cpu_step_probe.py [--threads N]
+    python -m fervit.benchmark.cpu_step_probe [--threads N]
 """
 
 from __future__ import annotations
@@ -18,15 +18,15 @@ from fervit.data.augment import augment_batch
 from fervit.models import build_model
 from fervit.models.layers import attention_math
 
-CPU_HYBRID = dict(name="vit_vgg", crop_size=40, stem_channels=(32, 64, 128, 256), stem_convs=2, embed_dim=192,
-                  num_heads=6, mlp_dim=768)
+VIT_VGG = dict(name="vit_vgg", crop_size=40, stem_channels=(32, 64, 128, 256), stem_convs=2, embed_dim=192,
+               num_heads=6, mlp_dim=768)  # the cpu preset's model family and stem, varied below
 SHAPES = {  # label -> (ModelConfig fields, bf16 + channels_last)
-    "stem alone, bf16 NHWC": ({**CPU_HYBRID, "depth": 0, "pool": "mean", "dropout": 0.0}, True),
-    "stem alone, fp32 NCHW": ({**CPU_HYBRID, "depth": 0, "pool": "mean", "dropout": 0.0}, False),
-    "2 blocks, MLP 768, dropout 0.15": ({**CPU_HYBRID, "depth": 2}, True),
-    "2 blocks, MLP 768, dropout 0": ({**CPU_HYBRID, "depth": 2, "dropout": 0.0}, True),
-    "2 blocks, MLP 384, dropout 0 (cpu)": ({**CPU_HYBRID, "depth": 2, "dropout": 0.0, "mlp_dim": 384}, True),
-    "4 blocks, MLP 768, dropout 0": ({**CPU_HYBRID, "depth": 4, "dropout": 0.0}, True),
+    "stem alone, bf16 NHWC": ({**VIT_VGG, "depth": 0, "pool": "mean", "dropout": 0.0}, True),
+    "stem alone, fp32 NCHW": ({**VIT_VGG, "depth": 0, "pool": "mean", "dropout": 0.0}, False),
+    "2 blocks, MLP 768, dropout 0.15": ({**VIT_VGG, "depth": 2}, True),
+    "2 blocks, MLP 768, dropout 0": ({**VIT_VGG, "depth": 2, "dropout": 0.0}, True),
+    "2 blocks, MLP 384, dropout 0 (cpu)": ({**VIT_VGG, "depth": 2, "dropout": 0.0, "mlp_dim": 384}, True),
+    "4 blocks, MLP 768, dropout 0": ({**VIT_VGG, "depth": 4, "dropout": 0.0}, True),
 }
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Accuracy of `fervit predict --no-detect` on a split's image files, as a user would get it.
 
-    python scripts/predict_accuracy.py [--data ROOT] [--usage PrivateTest] [-- extra predict flags]
+    python experiments/predict_accuracy.py [--data ROOT] [--usage PrivateTest] [-- extra predict flags]
 
 Runs `fervit predict --no-detect --csv` on every `test/<class>/<usage>_*` file (the Kaggle layout) and
 compares each face's emotion with its class folder. Prints one line: accuracy, faces, the command.
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from fervit.config import resolve_data_root
-from fervit.data.dataset import CLASSES
+from fervit.data.dataset import CLASSES, class_index
 
 
 def main() -> int:
@@ -37,8 +37,8 @@ def main() -> int:
         print(f"predict_accuracy: fervit predict failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
         return 2
     rows = list(csv.DictReader(io.StringIO(done.stdout)))
-    spellings = {c: c for c in CLASSES} | {"disgust": "disgusted", "fear": "fearful", "surprise": "surprised"}
-    truth = {str(p): spellings.get(p.parent.name.lower(), p.parent.name.lower()) for p in files}
+    truth = {str(p): CLASSES[i] if (i := class_index(p.parent.name)) is not None else p.parent.name.lower()
+             for p in files}
     key = next(k for k in ("file", "path", "image") if rows and k in rows[0])
     scored = [(truth[r[key]], r["emotion"]) for r in rows if r.get("emotion") and r[key] in truth]
     correct = sum(t == e for t, e in scored)

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Issue 12's GPU measurement in one command, at most 9 minutes on one H200 (16 CPUs):
-#   scripts/plans/bench_h200.sh DATA OUT [PRESET ...]
+# BENCHMARKS.md's GPU measurement in one command, at most 9 minutes on one H200 (16 CPUs):
+#   experiments/plans/bench_h200.sh DATA OUT [PRESET ...]
 # DATA: the FER-2013 folder layout (or a .zip of it, unpacked to /tmp/fer); OUT: where bench-h200.json and
-# bench-h200.log go; PRESETs: the models with full rows (default vit_cnn vit_patch hybrid; any preset works,
-# the new hybrids included), the first of them also gets the step-mode and concurrency rows.
+# bench-h200.log go; PRESETs: the models with full rows (default vit_cnn, vit_patch and the hybrid preset,
+# vit_resnet; any preset works), the first of them also gets the step-mode and concurrency rows.
 # The bench writes its JSON after every section ("partial": true until it ends), so the time limit
 # below can only cost the sections it had not reached. A CPU dry run with tiny sizes:
-#   FERVIT_BENCH_TINY=1 scripts/plans/bench_h200.sh /tmp/tiny-fer /tmp/out tiny   (a tests/conftest.py make_layout)
+#   FERVIT_BENCH_TINY=1 experiments/plans/bench_h200.sh /tmp/tiny-fer /tmp/out tiny   (a tests/conftest.py make_layout)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DATA=${1:?usage: bench_h200.sh DATA OUT [PRESET ...]}
