@@ -62,7 +62,9 @@ def test_metrics_csv_has_one_sane_row_per_epoch(finished_run):
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert set(rows[0]) == {"epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds"}
     for r in rows:
-        assert 0 < float(r["train_loss"]) < 5 and 0 <= float(r["val_acc"]) <= 1 and float(r["seconds"]) > 0
+        assert 0 < float(r["train_loss"]) < 5 and float(r["seconds"]) > 0
+        correct = float(r["val_acc"]) * 70  # a count of the 70 validation faces, written to 6 digits
+        assert correct == pytest.approx(round(correct), abs=1e-3) and 0 <= round(correct) <= 70
 
 
 def test_results_json_reports_test_metrics_consistent_with_its_confusion_matrix(finished_run):
@@ -73,7 +75,12 @@ def test_results_json_reports_test_metrics_consistent_with_its_confusion_matrix(
     assert cm.shape == (7, 7) and int(cm.sum()) == 70
     assert test["accuracy"] == pytest.approx(float(cm.diag().sum()) / 70)
     assert set(test["per_class"]) == set(CLASSES)
-    assert all(0 <= v[k] <= 1 for v in test["per_class"].values() for k in ("precision", "recall", "f1"))
+    for c, name in enumerate(CLASSES):  # rows are true classes, columns predictions
+        v, hit, predicted = test["per_class"][name], int(cm[c, c]), int(cm[:, c].sum())
+        assert v["support"] == int(cm[c].sum()) == 10 and v["recall"] == pytest.approx(hit / 10)
+        assert v["precision"] == pytest.approx(hit / predicted if predicted else 0.0)
+        p, r = v["precision"], v["recall"]
+        assert v["f1"] == pytest.approx(2 * p * r / (p + r) if p + r else 0.0)
     assert {"macro_avg", "weighted_avg"} <= set(test)
     rows = list(csv.DictReader(open(finished_run / "training_metrics.csv")))
     assert res["best_val_acc"] == pytest.approx(max(float(r["val_acc"]) for r in rows), abs=1e-5)
@@ -237,31 +244,42 @@ def budget_run(budget_s: float):
     return run, replans
 
 
-def test_the_time_budget_is_rechecked_after_every_epoch_and_a_slowdown_lowers_the_plan_again():
-    import time
+NOW = 1_000_000.0  # the trainer's clock in the budget tests: elapsed times are exact, however slow the machine
 
+
+@pytest.fixture
+def frozen_clock(monkeypatch):
+    from types import SimpleNamespace
+
+    import fervit.training.trainer as trainer
+
+    monkeypatch.setattr(trainer, "time", SimpleNamespace(time=lambda: NOW))
+
+
+def test_the_time_budget_is_rechecked_after_every_epoch_and_a_slowdown_lowers_the_plan_again(frozen_clock):
     from fervit.training.trainer import TrainState, fit_time_budget
 
     run, replans = budget_run(100.0)
     state = TrainState(epochs=10, epoch=3, rows=[{"seconds": s} for s in (10.0, 10.0, 20.0)])
-    fit_time_budget(run, state, t_start=time.time() - 55)  # 45 s left; the last epoch took 20 s: 2 more fit
+    fit_time_budget(run, state, t_start=NOW - 55)  # 45 s left; the last epoch took 20 s: 2 more fit
     assert state.epochs == 5 and replans == [50]
-    fit_time_budget(run, state, t_start=time.time() - 30)  # faster than planned: the plan is never raised
+    fit_time_budget(run, state, t_start=NOW - 30)  # faster than planned: the plan is never raised
     assert state.epochs == 5 and replans == [50]
-    fit_time_budget(run, state, t_start=time.time() - 150)  # already past the budget: stop after this epoch
+    fit_time_budget(run, state, t_start=NOW - 150)  # already past the budget: stop after this epoch
     assert state.epochs == 3 and replans == [50, 30]
 
 
-def test_a_run_extended_with_more_epochs_is_not_cut_back_by_its_old_time_budget():
-    import time
-
+def test_a_run_extended_with_more_epochs_is_not_cut_back_by_its_old_time_budget(frozen_clock):
     from fervit.training.trainer import TrainState, plan_next
 
     run, replans = budget_run(10.0)
     run.cfg.train.early_stop_patience = 0
     state = TrainState(epochs=20, epoch=12, rows=[{"seconds": 1.0}] * 12, budgeted=False)
-    plan_next(run, state, state.rows[-1], t_start=time.time() - 50, on_epoch=None)
+    plan_next(run, state, state.rows[-1], t_start=NOW - 50, on_epoch=None)
     assert state.epochs == 20 and replans == []
+    state.budgeted = True  # the same run with its budget still in force is cut back to the epoch it is in
+    plan_next(run, state, state.rows[-1], t_start=NOW - 50, on_epoch=None)
+    assert state.epochs == 12 and replans == [120]
 
 
 def test_a_checkpoint_moved_out_of_its_run_folder_is_evaluated_on_its_own_split(finished_run, real_data, tmp_path):
