@@ -119,24 +119,49 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_valid(lay
     assert outcome(run_dir) == reference
 
 
+HOLD_IN_EPOCH_2 = """
+import sys, time
+from pathlib import Path
+
+import fervit.training.step as step
+from fervit.cli import main
+
+held, go = Path(sys.argv[1]), Path(sys.argv[2])
+augment, calls = step.augment_batch, [0]
+
+def augment_held(*args, **kwargs):  # epoch 1 done and checkpointed: hold epoch 2's first batch until told
+    calls[0] += 1
+    if calls[0] == 35 // 16 + 1:
+        held.touch()
+        while not go.exists():
+            time.sleep(0.01)
+    return augment(*args, **kwargs)
+
+step.augment_batch = augment_held
+sys.exit(main(sys.argv[3:]))
+"""
+
+
 def test_sigterm_to_the_cli_exits_for_requeue_and_resume_finishes_the_run(layout, tmp_path):
-    out = tmp_path / "runs"
-    cmd = [sys.executable, "-m", "fervit", "train", "--preset", "tiny", "--data", str(layout), "--cache-dir",
-           str(layout.parent / "cache"), "--output", str(out), "--device", "cpu", "--epochs", "12", "--quiet",
-           "--set", "train.threads=1", "--set", "train.batch_size=16"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not list(out.glob("*/training_metrics.csv")) and proc.poll() is None and time.time() < deadline:
+    out, held, go = tmp_path / "runs", tmp_path / "held", tmp_path / "go"
+    argv = ["train", "--preset", "tiny", "--data", str(layout), "--cache-dir", str(layout.parent / "cache"),
+            "--output", str(out), "--device", "cpu", "--epochs", "4", "--quiet", "--set", "train.threads=1",
+            "--set", "train.batch_size=16"]
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_IN_EPOCH_2, str(held), str(go), *argv],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300  # only a hung child reaches it; the signal never races the run's end
+    while not held.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    # a finished epoch proves the stop handlers are installed (train installs them before epoch 1)
-    assert proc.poll() is None and list(out.glob("*/training_metrics.csv")), "no epoch finished to signal after"
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    assert held.exists() and proc.poll() is None, "the run never reached epoch 2"
+    proc.send_signal(signal.SIGTERM)  # delivered while the child waits: it is in epoch 2 when it sees it
+    go.touch()
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_REQUEUE, err
     (run_dir,) = out.iterdir()
-    assert "fervit train --resume" in err and load_last(run_dir).epoch < 12
+    assert "fervit train --resume" in err and load_last(run_dir).epoch == 2  # epoch 2 finished, then it stopped
+    assert not (run_dir / "results.json").exists()
     assert main(["train", "--resume", str(run_dir), "--quiet"]) == 0
-    assert json.loads((run_dir / "results.json").read_text())["epochs_completed"] == 12
+    assert json.loads((run_dir / "results.json").read_text())["epochs_completed"] == 4
 
 
 def test_a_run_finished_by_ctrl_c_resumes_exactly(layout, reference, monkeypatch, tmp_path):
