@@ -29,6 +29,9 @@ TOP_KEYS = {"command", "date_utc", "machine", "settings", "dataset", "data_path"
             "step_modes", "fused_attention", "concurrency", "table", "cpu_peak", "threads_under_load"}
 PHASES = {"data_augment", "forward", "backward", "optimizer"}
 
+# fixtures that take over 5 s to build: conftest marks every test that needs one slow
+SLOW_FIXTURES = {"quick_bench"}
+
 
 @pytest.fixture(scope="module")
 def bench_extras():

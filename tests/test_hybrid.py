@@ -178,6 +178,7 @@ def test_ten_crop_for_a_whole_face_model_is_refused_before_training(tiny_layout,
     assert not out.exists()  # no half-made run folder
 
 
+@pytest.mark.slow
 def test_a_cropping_model_exports_to_onnx_with_a_48px_input_and_ten_crop_works_there(tmp_path):
     pytest.importorskip("onnxruntime", reason="needs the onnx extra")
     from fervit.inference.onnx import export_onnx, load_onnx
@@ -191,6 +192,7 @@ def test_a_cropping_model_exports_to_onnx_with_a_48px_input_and_ten_crop_works_t
     np.testing.assert_allclose(Predictor(onnx_model, meta, tta="ten_crop").classify(faces), torch_probs, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_log_test_adds_a_test_column_and_changes_no_choice(tiny_layout, tmp_path):
     import csv
     import json
@@ -215,6 +217,7 @@ def test_log_test_adds_a_test_column_and_changes_no_choice(tiny_layout, tmp_path
     assert plain_res["test"]["accuracy"] == logged_res["test"]["accuracy"]
 
 
+@pytest.mark.slow
 def test_evaluate_with_tta_labels_each_split_and_the_runs_table_says_so(tiny_layout, tmp_path):
     import json
 

@@ -30,6 +30,8 @@ def metrics(run_dir) -> list[dict]:
         return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_two_configs_trained_at_once_get_exactly_the_metrics_each_gets_alone(tmp_path, capsys):
     from fervit.training.trainer import train
 
@@ -327,6 +329,8 @@ def test_sigterm_to_the_parent_is_passed_on_to_every_job_and_waited_for(tmp_path
     assert not any(Path(f"/proc/{k}").exists() for k in kids)  # and the parent waited: none left as an orphan
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads a process's children from /proc (Linux)")
 @pytest.mark.timeout(180)
 def test_sigterm_to_fervit_train_seeds_leaves_no_job_training(tmp_path):

@@ -128,6 +128,7 @@ def metrics(run) -> list[dict]:
     return list(csv.DictReader(open(run / "training_metrics.csv")))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option, recorded", [
     (("optim.name=sgd", "optim.lr=0.05"), {"name": "sgd", "lr": 0.05}),
     (("optim.schedule=plateau", "optim.plateau_patience=1"), {"schedule": "plateau", "plateau_patience": 1}),
@@ -145,6 +146,7 @@ def test_each_option_trains_end_to_end(option, recorded, data, tmp_path):
     assert {k: saved[k] for k in recorded} == recorded  # the run trained with the option, and says so
 
 
+@pytest.mark.slow
 def test_a_plateau_run_drops_the_lr_after_the_stale_epochs(data, tmp_path, monkeypatch):
     import fervit.training.trainer as trainer
 

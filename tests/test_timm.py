@@ -112,6 +112,8 @@ def test_weights_of_another_architecture_are_a_one_line_error(timm, tmp_path):
         load_pretrained(create_model("timm", backbone="resnet18"), str(pickled))
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 @needs_timm
 def test_fine_tune_from_the_cli_then_predict_and_export_from_the_run(timm, tiny_layout, real_data, tmp_path):
     file = tmp_path / "model.safetensors"

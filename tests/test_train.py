@@ -23,6 +23,9 @@ from fervit.training.trainer import train
 ARTIFACTS = ("config.json", "best_model.safetensors", "best_model.json", "training_metrics.csv", "loss_curve.png",
              "accuracy_curve.png", "confusion_matrix.png", "reliability_diagram.png", "results.json")
 
+# fixtures that take over 5 s to build: conftest marks every test that needs one slow
+SLOW_FIXTURES = {"real_slice", "finished_run"}
+
 
 @pytest.fixture(scope="module")
 def real_slice(real_data):
@@ -108,6 +111,7 @@ def test_evaluation_uses_no_augmentation(finished_run, real_slice):
     assert torch.equal(a, b) and torch.allclose(a, direct, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_the_same_seed_gives_the_same_numbers(real_slice, tmp_path):
     runs = [train(tiny_cfg(tmp_path / str(k), "train.epochs=1"), quiet=True, data=real_slice) for k in range(2)]
     metrics = [[{k: v for k, v in r.items() if k != "seconds"}
@@ -138,6 +142,7 @@ def few_disgusted(real_slice):
     return real_slice.subset(keep)
 
 
+@pytest.mark.slow
 def test_balanced_class_weights_weigh_the_loss_by_inverse_frequency(real_slice, tmp_path, monkeypatch):
     seen = spy_on_epochs(monkeypatch)
     train(tiny_cfg(tmp_path, "train.epochs=1", "optim.class_weights=balanced"), quiet=True,
@@ -148,6 +153,7 @@ def test_balanced_class_weights_weigh_the_loss_by_inverse_frequency(real_slice, 
     assert torch.allclose(parts.loss_weights.cpu(), expected) and parts.sample_weights is None
 
 
+@pytest.mark.slow
 def test_the_balanced_sampler_draws_every_class_about_equally_often(real_slice, tmp_path, monkeypatch):
     from fervit.training.epoch import epoch_order
 
@@ -159,6 +165,8 @@ def test_the_balanced_sampler_draws_every_class_about_equally_often(real_slice, 
     assert share.min() > 0.11 and share.max() < 0.18 and parts.loss_weights is None  # 1/7 = 0.143
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_cli_train_then_evaluate_then_runs(real_data, tmp_path):
     """The documented commands, end to end, as a user types them, on a copy of 20 real faces per class."""
     import shutil
@@ -184,6 +192,7 @@ def test_cli_train_then_evaluate_then_runs(real_data, tmp_path):
     assert run_dir.name in table.stdout and "vit_cnn" in table.stdout
 
 
+@pytest.mark.slow
 def test_ctrl_c_still_finishes_the_run_folder(real_slice, tmp_path, monkeypatch):
     import fervit.training.trainer as trainer
 
@@ -211,6 +220,7 @@ def test_evaluate_an_ensemble_needs_an_output_folder(finished_run, real_data):
         evaluate_checkpoint([str(finished_run), str(finished_run)], data_root=str(real_data))
 
 
+@pytest.mark.slow
 def test_early_stopping_ends_a_run_that_stops_improving(real_slice, tmp_path, monkeypatch):
     import fervit.training.trainer as trainer
 
@@ -225,6 +235,7 @@ def test_early_stopping_ends_a_run_that_stops_improving(real_slice, tmp_path, mo
     assert res["epochs_completed"] == 4 and res["best_epoch"] == 2 and "early stop" in res["stopped"]
 
 
+@pytest.mark.slow
 def test_time_budget_caps_the_epochs_after_the_second(real_slice, tmp_path):
     run = train(tiny_cfg(tmp_path, "train.epochs=8", "train.time_budget_s=0.001"), quiet=True, data=real_slice)
     res = json.loads((run / "results.json").read_text())
@@ -282,6 +293,7 @@ def test_a_run_extended_with_more_epochs_is_not_cut_back_by_its_old_time_budget(
     assert state.epochs == 12 and replans == [120]
 
 
+@pytest.mark.slow
 def test_a_checkpoint_moved_out_of_its_run_folder_is_evaluated_on_its_own_split(finished_run, real_data, tmp_path):
     """Without config.json beside it (the shipped model, a copied file), the split comes from the JSON description:
     this run used the fer2013 protocol, so its test split is PrivateTest, not the seed protocol's test/ folder."""
