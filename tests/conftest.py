@@ -54,3 +54,12 @@ def tiny_layout(tmp_path) -> Path:
 
 def pytest_configure(config):
     os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that needs one of its module's SLOW_FIXTURES is slow: the fixture's cost falls on whichever test
+    runs first, so marking only the test that happened to pay it would leave the others slow when run alone."""
+    for item in items:
+        slow_fixtures = getattr(item.module, "SLOW_FIXTURES", ()) if hasattr(item, "module") else ()
+        if set(item.fixturenames) & set(slow_fixtures):
+            item.add_marker(pytest.mark.slow)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fervit.data.audit import audit, dhash, format_audit
 from fervit.data.dataset import load_fer
 
 
+@pytest.mark.slow
 def test_real_data_audit_matches_the_documented_duplicate_counts(real_data):
     report = audit(load_fer(real_data, progress=False))
     exact = report["exact_duplicates"]

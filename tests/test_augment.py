@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from fervit.config import AugmentConfig
-from fervit.data.augment import affine_grid, affine_params, augment_batch, erase_mask, normalize
+from fervit.data.augment import affine_grid, affine_params, augment_batch, erase_mask, mix_batch, normalize
 from fervit.evaluation.evaluate import predict_logits
 
 # every op switched off but the pipeline enabled: the identity, so each test can turn on one op
@@ -186,3 +187,26 @@ def test_evaluation_batches_are_only_normalised_and_deterministic():
     seen = torch.cat(spy.seen[:3])
     assert torch.equal(seen, normalize(images[idx]))
     assert math.isclose(float(seen.min()), -1.0, abs_tol=0.01) and math.isclose(float(seen.max()), 1.0, abs_tol=0.01)
+
+
+def labelled_by_value(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n constant images whose pixel value is their label: a mix shows in both the same way."""
+    y = torch.arange(n)
+    return y.float().view(n, 1, 1, 1).expand(n, 1, 48, 48).clone(), y
+
+
+@pytest.mark.parametrize("mode", [dict(mixup_alpha=0.4), dict(cutmix_alpha=1.0)])
+def test_mixing_mixes_images_and_targets_in_the_same_proportion(mode):
+    x, y = labelled_by_value(6)
+    torch.manual_seed(0)
+    mixed, target = mix_batch(x, y, AugmentConfig(**mode), 6, torch.Generator().manual_seed(1))
+    assert target.sum(1).tolist() == pytest.approx([1.0] * 6)
+    assert not torch.equal(mixed, x)
+    # each image's mean pixel is the label its soft target expects
+    assert mixed.mean(dim=(1, 2, 3)).tolist() == pytest.approx((target * y.float()).sum(1).tolist(), abs=1e-5)
+
+
+def test_mix_probability_zero_leaves_the_batch_and_gives_one_hot_targets():
+    x, y = labelled_by_value(4)
+    mixed, target = mix_batch(x, y, AugmentConfig(mixup_alpha=0.4, mix_p=0.0), 4, torch.Generator().manual_seed(0))
+    assert torch.equal(mixed, x) and torch.equal(target, torch.eye(4))

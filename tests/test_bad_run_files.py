@@ -42,7 +42,10 @@ def test_evaluate_writes_results_despite_a_damaged_metrics_csv_and_a_list_result
     assert code == 0
     assert any("results.json' was damaged or not a fervit results file; it is rewritten" in m for m in messages)
     assert any("training_metrics.csv' is damaged" in m and "curves are not drawn" in m for m in messages)
-    assert json.loads((run / "results.json").read_text())["test"]["accuracy"] >= 0
+    test = json.loads((run / "results.json").read_text())["test"]  # a whole results file, rewritten
+    assert test["num_samples"] == 56 == sum(map(sum, test["confusion_matrix"]))  # seed protocol: the test/ folder
+    assert test["accuracy"] == pytest.approx(sum(row[i] for i, row in enumerate(test["confusion_matrix"])) / 56)
+    assert f"accuracy {test['accuracy']:.4f}" in capsys.readouterr().out
 
 
 def test_runs_leaves_out_a_run_whose_results_json_is_a_list(run, tmp_path, capsys):

@@ -26,6 +26,7 @@ def assert_one_line_error(done, pattern):
     assert pattern in lines[0], lines[0]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("args,pattern", [
     (["train", "--data", "/no/such/folder", "--device", "cpu"], "does not exist"),
     (["train", "--preset", "nope"], "no preset 'nope'"),
@@ -38,11 +39,13 @@ def test_cli_bad_input_is_one_line(args, pattern):
     assert_one_line_error(fervit(*args), pattern)
 
 
+@pytest.mark.e2e
 def test_train_on_a_folder_with_an_unknown_class(tmp_path):
     (tmp_path / "train" / "contempt").mkdir(parents=True)
     assert_one_line_error(fervit("train", "--data", str(tmp_path), "--device", "cpu"), "unknown class folder")
 
 
+@pytest.mark.e2e
 def test_missing_default_data_folder_points_to_fetch(tmp_path):
     env = {k: v for k, v in __import__("os").environ.items() if k != "FERVIT_DATA"}
     env["XDG_DATA_HOME"] = str(tmp_path / "xdg")  # no fetched copy either
@@ -92,6 +95,7 @@ def test_missing_sidecar_is_named(checkpoint):
         load_model(checkpoint)
 
 
+@pytest.mark.e2e
 def test_cli_evaluate_with_a_damaged_checkpoint(checkpoint):
     checkpoint.write_bytes(b"garbage")
     assert_one_line_error(fervit("evaluate", str(checkpoint.parent)), "damaged")
@@ -106,6 +110,7 @@ def test_incomplete_model_description_is_named(checkpoint):
         load_model(checkpoint)
 
 
+@pytest.mark.e2e
 def test_cli_evaluate_with_a_damaged_run_config(checkpoint):
     (checkpoint.parent / "config.json").write_text("{not json")
     assert_one_line_error(fervit("evaluate", str(checkpoint.parent)), "config.json is damaged")

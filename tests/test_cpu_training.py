@@ -116,6 +116,7 @@ def striped_faces(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return images.clamp(0, 255).to(torch.uint8), labels
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not BF16_CPU, reason="this CPU has no native bf16: fervit trains it in fp32")
 def test_two_hundred_bf16_steps_reach_the_accuracy_of_fp32():
     train_x, train_y = striped_faces(2048, 0)

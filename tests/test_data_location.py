@@ -71,6 +71,8 @@ def test_fetch_puts_the_data_where_the_commands_look(clone, monkeypatch, tmp_pat
     assert resolve_data_root("") == str(fetch_folder())
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_every_command_finds_the_data_beside_the_clone(tmp_path):
     """What train.sh found, the commands run directly find too: here `data audit` and `evaluate`."""
     from helpers import save_tiny_checkpoint

@@ -31,6 +31,8 @@ def read_rows(run_dir: Path) -> list[dict]:
         return [{k: float(v) for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_two_gloo_processes_write_one_run_folder_matching_a_single_process_run(tmp_path):
     root = make_layout(tmp_path / "fer", per_class=8)
     cache = tmp_path / "cache"

@@ -21,6 +21,9 @@ from fervit.inference.onnx import (PROB_ATOL, ParityReport, check_parity, export
 from fervit.models.checkpoint import ModelFile, load_model  # noqa: E402
 from test_predict import FACES, make_checkpoint  # noqa: E402
 
+# fixtures that take over 5 s to build: conftest marks every test that needs one slow
+SLOW_FIXTURES = {"exported"}
+
 
 @pytest.fixture(scope="module")
 def exported(real_data, tmp_path_factory):
@@ -39,6 +42,7 @@ def test_export_writes_onnx_beside_the_checkpoint_and_reports_its_check(exported
     assert "check: 256 test faces" in printed and "0 predictions differ" in printed
 
 
+@pytest.mark.slow
 def test_onnx_runtime_agrees_with_pytorch_on_real_test_faces(exported, real_data):
     run, path, _ = exported
     model, meta = load_model(run)
@@ -50,6 +54,7 @@ def test_onnx_runtime_agrees_with_pytorch_on_real_test_faces(exported, real_data
     assert report.disagreements == 0
 
 
+@pytest.mark.slow
 def test_the_patch_model_exports_too(real_data, tmp_path):
     run = make_checkpoint(tmp_path / "patch", name="vit_patch")
     model, meta = load_model(run)

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", ["fervit.inference", "fervit.inference.predictor", "fervit.inference.onnx",
                                     "fervit.serve", "fervit.serve.app", "fervit.evaluation.rerun"])
 def test_serving_and_evaluation_import_no_training_module(module):

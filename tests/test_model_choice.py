@@ -69,6 +69,8 @@ def test_predict_names_the_model_on_stderr_and_keeps_json_clean(runs, tmp_path, 
     assert "epoch 3" in lines[0] and "val acc 41.0%" in lines[0] and "test acc 43.0%" in lines[0]
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_evaluate_and_export_name_the_model(runs, tmp_path):
     from conftest import make_layout
 
@@ -93,6 +95,8 @@ def test_a_json_file_as_model_says_what_to_give_instead(runs, capsys, given, say
     assert "pickle" not in err
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_serve_on_a_busy_port_is_one_line_before_serving(runs):
     pytest.importorskip("uvicorn", reason="the server needs the serve extra")
     root, newest = runs

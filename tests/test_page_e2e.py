@@ -31,6 +31,8 @@ from fervit.inference.predictor import Predictor  # noqa: E402
 from fervit.serve.app import create_app  # noqa: E402
 from test_predict import FACES, make_checkpoint, make_face_photo  # noqa: E402
 
+pytestmark = pytest.mark.e2e  # a browser on the page a real server serves
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 if not (CHROMIUM and CHROMEDRIVER):
@@ -104,6 +106,7 @@ def face_cards(driver):
     return driver.find_elements(By.CSS_SELECTOR, "#results .face-card")
 
 
+@pytest.mark.slow
 def test_uploading_a_photo_renders_each_face_with_its_probability_bars(browser, server, photo):
     browser.get(server)
     wait_for(browser, lambda d: d.find_element(By.ID, "model").text.startswith("model: tiny/"), "the model name")
@@ -132,6 +135,7 @@ def test_a_non_image_upload_shows_the_api_error(browser, server, tmp_path):
     assert "not an image" in status.text and face_cards(browser) == []
 
 
+@pytest.mark.slow
 def test_the_webcam_feed_is_labelled_live(browser, server):
     browser.get(server)
     browser.find_element(By.ID, "webcam-button").click()

@@ -27,6 +27,8 @@ def test_a_bar_is_drawn_only_on_a_terminal(monkeypatch, tty, drawn):
     assert ("working" in err.getvalue()) == drawn
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_evaluate_export_and_audit_show_progress_on_a_terminal(tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime", reason="export needs the onnx extra")
     terminal = Terminal()

@@ -30,6 +30,9 @@ from fervit.training.trainer import train
 
 EPOCHS = 4
 
+# fixtures that take over 5 s to build: conftest marks every test that needs one slow
+SLOW_FIXTURES = {"reference", "plateau_reference", "stopped_run"}
+
 
 def config(root: Path, out: Path, *extra: str):
     """A tiny run that exercises every RNG consumer: augmentation, dropout, mixup's Beta draw, EMA."""
@@ -72,6 +75,7 @@ def signal_during_epoch(monkeypatch, epoch: int, signum=signal.SIGUSR1, times: i
     monkeypatch.setattr(epoch_module, "augment_batch", augment_and_signal)
 
 
+@pytest.mark.slow
 def test_signal_mid_epoch_finishes_the_epoch_checkpoints_and_resumes_exactly(layout, reference, monkeypatch,
                                                                             tmp_path):
     signal_during_epoch(monkeypatch, epoch=2)
@@ -86,6 +90,7 @@ def test_signal_mid_epoch_finishes_the_epoch_checkpoints_and_resumes_exactly(lay
     assert load_last(run_dir).epoch == EPOCHS  # a finished run keeps its resume state, to be trained further
 
 
+@pytest.mark.slow
 def test_second_signal_abandons_the_epoch_and_the_previous_checkpoint_resumes_exactly(layout, reference,
                                                                                      monkeypatch, tmp_path):
     signal_during_epoch(monkeypatch, epoch=3, signum=signal.SIGTERM, times=2)
@@ -102,6 +107,7 @@ class Killed(BaseException):
     """Stands in for SIGKILL: nothing after it runs, no handler catches it."""
 
 
+@pytest.mark.slow
 def test_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_valid(layout, reference, monkeypatch,
                                                                             tmp_path):
     write_json = resume.write_json
@@ -122,26 +128,54 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_valid(lay
     assert outcome(run_dir) == reference
 
 
+HOLD_IN_EPOCH_2 = """
+import sys, time
+from pathlib import Path
+
+import fervit.training.step as step
+from fervit.cli import main
+
+held, go = Path(sys.argv[1]), Path(sys.argv[2])
+augment, calls = step.augment_batch, [0]
+
+def augment_held(*args, **kwargs):  # epoch 1 done and checkpointed: hold epoch 2's first batch until told
+    calls[0] += 1
+    if calls[0] == 35 // 16 + 1:
+        held.touch()
+        while not go.exists():
+            time.sleep(0.01)
+    return augment(*args, **kwargs)
+
+step.augment_batch = augment_held
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_sigterm_to_the_cli_exits_for_requeue_and_resume_finishes_the_run(layout, tmp_path):
-    out = tmp_path / "runs"
-    cmd = [sys.executable, "-m", "fervit", "train", "--preset", "tiny", "--data", str(layout), "--cache-dir",
-           str(layout.parent / "cache"), "--output", str(out), "--device", "cpu", "--epochs", "12", "--quiet",
-           "--set", "train.threads=1", "--set", "train.batch_size=16"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not list(out.glob("*/training_metrics.csv")) and proc.poll() is None and time.time() < deadline:
+    out, held, go = tmp_path / "runs", tmp_path / "held", tmp_path / "go"
+    argv = ["train", "--preset", "tiny", "--data", str(layout), "--cache-dir", str(layout.parent / "cache"),
+            "--output", str(out), "--device", "cpu", "--epochs", "4", "--quiet", "--set", "train.threads=1",
+            "--set", "train.batch_size=16"]
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_IN_EPOCH_2, str(held), str(go), *argv],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300  # only a hung child reaches it; the signal never races the run's end
+    while not held.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    # a finished epoch proves the stop handlers are installed (train installs them before epoch 1)
-    assert proc.poll() is None and list(out.glob("*/training_metrics.csv")), "no epoch finished to signal after"
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    assert held.exists() and proc.poll() is None, "the run never reached epoch 2"
+    proc.send_signal(signal.SIGTERM)  # delivered while the child waits: it is in epoch 2 when it sees it
+    go.touch()
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_REQUEUE, err
     (run_dir,) = out.iterdir()
-    assert "fervit train --resume" in err and load_last(run_dir).epoch < 12
+    assert "fervit train --resume" in err and load_last(run_dir).epoch == 2  # epoch 2 finished, then it stopped
+    assert not (run_dir / "results.json").exists()
     assert main(["train", "--resume", str(run_dir), "--quiet"]) == 0
-    assert json.loads((run_dir / "results.json").read_text())["epochs_completed"] == 12
+    assert json.loads((run_dir / "results.json").read_text())["epochs_completed"] == 4
 
 
+@pytest.mark.slow
 def test_a_run_finished_by_ctrl_c_resumes_exactly(layout, reference, monkeypatch, tmp_path):
     augment = epoch_module.augment_batch
     calls = {"n": 0}
@@ -179,6 +213,7 @@ def run_dir_argv(run_dir: Path, layout: Path) -> list[str]:
     return argv + [arg for s in settings for arg in ("--set", s)]
 
 
+@pytest.mark.slow
 def test_the_same_run_dir_command_line_resumes_a_stopped_run_exactly(stopped_run, layout, reference):
     assert main(run_dir_argv(stopped_run, layout)) == 0
     assert outcome(stopped_run) == reference
@@ -301,6 +336,7 @@ def test_a_run_folder_another_process_trains_into_is_refused_at_once_and_left_un
     assert snapshot(stopped_run) == before
 
 
+@pytest.mark.slow
 def test_a_killed_holder_leaves_no_stale_lock(stopped_run, holder):
     holder.kill()  # SIGKILL: the holder runs no cleanup; the kernel drops its lock
     holder.wait()
@@ -345,12 +381,14 @@ def test_resume_with_more_epochs_trains_a_finished_run_further_on_the_longer_cos
     assert json.loads((finished_run / "config.json").read_text())["train"]["epochs"] == EPOCHS
 
 
+@pytest.mark.slow
 def test_extending_a_finished_plateau_run_ends_exactly_where_the_longer_run_ends(layout, plateau_reference, tmp_path):
     run_dir = train(config(layout, tmp_path, *RECIPE, "train.epochs=2"), quiet=True)
     train(config(layout, tmp_path, *RECIPE), quiet=True, run_dir=run_dir, resume=True)  # 4 epochs
     assert outcome(run_dir) == plateau_reference
 
 
+@pytest.mark.slow
 def test_an_extension_stopped_by_a_signal_continues_to_the_new_total_on_a_plain_resume(finished_run, monkeypatch):
     signal_during_epoch(monkeypatch, epoch=1)  # the first epoch this process trains: epoch 3
     assert main(["train", "--resume", str(finished_run), "--epochs", str(EPOCHS), "--quiet"]) == EXIT_REQUEUE

@@ -63,6 +63,8 @@ def peak_rss(pid: int) -> int:
     raise AssertionError("no VmHWM in /proc status")
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads peak memory from Linux's /proc")
 @pytest.mark.timeout(180)
 def test_32_concurrent_25mp_uploads_keep_the_servers_peak_memory_bounded(tmp_path):
@@ -100,6 +102,7 @@ def test_32_concurrent_25mp_uploads_keep_the_servers_peak_memory_bounded(tmp_pat
         proc.wait(timeout=10)
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(120)
 def test_uploads_beyond_the_queue_get_503_with_retry_after(tmp_path):
     predictor = Predictor.load(make_checkpoint(tmp_path / "run"))
@@ -195,6 +198,7 @@ def trickle_until_dropped(port: int, first: bytes, limit_s: float) -> tuple[byte
         conn.close()
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(60)
 def test_slow_clients_get_408_and_are_dropped_while_others_are_served(deadline_server):
     # issue 21: 1,500 slow connections stayed open for as long as they liked
@@ -241,6 +245,7 @@ def read_one_response(conn) -> bytes:
     return head + b"\r\n\r\n" + body
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(60)
 def test_a_kept_alive_connection_gets_the_limit_again_for_its_next_request(deadline_server):
     import socket

@@ -54,6 +54,8 @@ def test_it_classifies_real_private_test_faces_far_above_chance(shipped, real_da
     assert len(set(preds.tolist())) == 7  # every class is predicted, "disgusted" included
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_predict_and_evaluate_use_it_without_a_model_argument(shipped, real_data, tmp_path):
     meta = json.loads(shipped.with_suffix(".json").read_text())
     face = next((real_data / "test" / "happy").iterdir())

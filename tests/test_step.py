@@ -109,6 +109,7 @@ def test_the_eager_step_computes_exactly_what_the_trainers_step_computed(warmup)
         torch.testing.assert_close(got[k], v, rtol=1e-6, atol=1e-7, msg=k)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_CXX, reason="torch.compile on CPU (inductor) needs a C++ compiler, and none is on PATH")
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # raised inside torch's compiler
 def test_compiled_step_computes_what_the_eager_step_computes_over_two_steps():

@@ -39,6 +39,8 @@ def base_config(layout: Path):
     return tiny_run_config(*TRIAL_SETTINGS, root=layout)
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_two_workers_in_parallel_share_one_sqlite_study_and_both_trials_are_runs(layout, tmp_path, capsys):
     space = tmp_path / "space.json"
     space.write_text(json.dumps(SPACE))
@@ -77,6 +79,7 @@ def test_a_pruned_trial_stops_early_and_still_leaves_a_run_folder(layout, tmp_pa
     assert results["epochs_completed"] == 1 and results["stopped"].startswith("pruned")
 
 
+@pytest.mark.slow
 def test_a_retried_trial_whose_run_had_finished_is_recorded_without_training_again(layout, tmp_path, monkeypatch):
     cfg = base_config(layout)
     run_sweep(cfg, study_name="retry", trials=1, space=SPACE, output=tmp_path, quiet=True)

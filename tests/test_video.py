@@ -23,6 +23,9 @@ from test_predict import iou, make_checkpoint  # noqa: E402
 
 FPS, N_FRAMES, DRIFT = 10, 12, 3  # the photo video: 1.2 s, its faces move 3 px right per frame
 
+# fixtures that take over 5 s to build: conftest marks every test that needs one slow
+SLOW_FIXTURES = {"face_video", "clip_run"}
+
 
 def write_video(path: Path, frames: list[np.ndarray], fps: float, fourcc: str) -> Path:
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, frames[0].shape[1::-1])
@@ -121,6 +124,7 @@ def test_a_video_gets_its_own_folder_with_json_csv_annotated_video_and_timeline(
         assert im.format == "PNG" and im.height > 3 * 150  # a panel per face track
 
 
+@pytest.mark.slow
 def test_every_n_classifies_one_frame_in_n_at_its_own_time(face_video, checkpoint, tmp_path, capsys):
     assert main(["predict", str(face_video), "--json", "--every", "4", "--model", str(checkpoint),
                  "--out", str(tmp_path)]) == 0

@@ -55,6 +55,7 @@ def test_a_short_epoch_is_judged_at_its_end():
     assert len(said) == 1 and "on cuda" in said[0] and "cpu_fast" not in said[0]
 
 
+@pytest.mark.slow
 def test_figures_are_drawn_each_epoch_unless_they_would_cost_more_than_a_twentieth(tmp_path):
     rows = [{"epoch": 1, "train_loss": 1.0, "val_loss": 1.1, "train_acc": 0.3, "val_acc": 0.25}]
     times = iter([0.0, 1.0, 5.0, 30.0, 31.0])  # drawing takes 1 s
@@ -70,6 +71,7 @@ def data(tmp_path_factory):
     return load_fer(make_layout(tmp_path_factory.mktemp("watch") / "fer", per_class=6), progress=False)
 
 
+@pytest.mark.slow
 def test_the_figures_exist_after_the_first_epoch(data, tmp_path):
     seen = []
 
@@ -82,6 +84,8 @@ def test_the_figures_exist_after_the_first_epoch(data, tmp_path):
     assert seen[0] == ["accuracy_curve.png", "confusion_matrix_val.png", "loss_curve.png"]
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_into_a_log_file_training_writes_one_line_per_epoch_with_its_peak_lr(tmp_path):
     root = make_layout(tmp_path / "fer", per_class=6)
     done = subprocess.run([sys.executable, "-m", "fervit", "train", "--preset", "tiny", "--data", str(root),

@@ -6,6 +6,8 @@ import csv
 import io
 import json
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,6 +30,8 @@ def metrics(run_dir) -> list[dict]:
         return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_two_configs_trained_at_once_get_exactly_the_metrics_each_gets_alone(tmp_path, capsys):
     from fervit.training.trainer import train
 
@@ -73,13 +77,34 @@ def test_a_failed_job_is_one_line_and_the_others_still_finish(tmp_path):
     assert any(line.startswith("good") and "done in" in line for line in lines)
 
 
-def test_parallel_limits_how_many_jobs_run_at_once(tmp_path):
-    # each job records the moment it starts and ends; with parallel=1 no two intervals overlap
-    code = "import time, sys; t = time.time(); time.sleep(0.2); print(t, time.time())"
-    jobs = [python_job(tmp_path, f"j{i}", code) for i in range(3)]
-    run_jobs(jobs, parallel=1, progress=None)
-    spans = sorted(tuple(map(float, j.log.read_text().split())) for j in jobs)
-    assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:]))
+class CountedProcess:
+    """Stands in for subprocess.Popen: each process ends on its third poll, and the class counts how many
+    have started and not yet been seen to end (how many jobs run at once), without any clock."""
+
+    alive = most = 0
+
+    def __init__(self, cmd, **kwargs):
+        CountedProcess.alive += 1
+        CountedProcess.most = max(CountedProcess.most, CountedProcess.alive)
+        self.polls, self.returncode = 0, None
+
+    def poll(self):
+        if self.returncode is None:
+            self.polls += 1
+            if self.polls == 3:
+                self.returncode = 0
+                CountedProcess.alive -= 1
+        return self.returncode
+
+
+@pytest.mark.parametrize("limit", [1, 2])
+def test_parallel_limits_how_many_jobs_run_at_once(tmp_path, monkeypatch, limit):
+    monkeypatch.setattr(subprocess, "Popen", CountedProcess)
+    monkeypatch.setattr(CountedProcess, "most", 0)
+    results = run_jobs([python_job(tmp_path, f"j{i}", "") for i in range(4)], parallel=limit, progress=None,
+                       poll_s=0)
+    assert [r.ok for r in results] == [True] * 4 and CountedProcess.alive == 0
+    assert CountedProcess.most == limit
 
 
 def test_mps_asked_for_on_a_machine_without_it_is_a_note_not_an_error(tmp_path, monkeypatch):
@@ -115,10 +140,35 @@ def test_parallel_without_several_runs_is_a_one_line_error(capsys):
     assert "--seeds or --jobs" in capsys.readouterr().err
 
 
-def test_a_job_that_outlives_its_timeout_is_stopped_and_reported(tmp_path):
+class SteppedClock:
+    """The launcher's clock: sleeping moves it on at once, so a timeout is reached in loop turns, not seconds."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, s: float) -> None:
+        self.now += s
+
+
+def test_a_job_that_outlives_its_timeout_is_stopped_and_reported(tmp_path, monkeypatch):
+    started = []
+
+    class Recorded(subprocess.Popen):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    monkeypatch.setattr(subprocess, "Popen", Recorded)
+    monkeypatch.setattr(parallel, "time", SteppedClock())
     (hung,) = run_jobs([python_job(tmp_path, "hung", "import time; time.sleep(60)")], parallel=1, progress=None,
-                       timeout_s=0.5)
-    assert not hung.ok and hung.error == "timed out after 0.5s" and hung.seconds < 30
+                       timeout_s=0.5, poll_s=0.2)
+    # stopped on the first poll past 0.5 s of the launcher's clock
+    assert not hung.ok and hung.error == "timed out after 0.5s" and hung.seconds == pytest.approx(0.6)
+    (proc,) = started
+    assert proc.returncode == -signal.SIGTERM  # the real process was terminated and reaped, not left sleeping
 
 
 def test_seeds_make_one_train_job_per_seed_each_with_its_own_run_folder(tmp_path, monkeypatch, capsys):
@@ -279,6 +329,8 @@ def test_sigterm_to_the_parent_is_passed_on_to_every_job_and_waited_for(tmp_path
     assert not any(Path(f"/proc/{k}").exists() for k in kids)  # and the parent waited: none left as an orphan
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads a process's children from /proc (Linux)")
 @pytest.mark.timeout(180)
 def test_sigterm_to_fervit_train_seeds_leaves_no_job_training(tmp_path):
