@@ -22,7 +22,7 @@ BF16_CPU = fervit_device.cpu_bf16()[0]
 
 
 def small_vgg_config(*overrides: str) -> RunConfig:
-    """A small `vit_vgg` (the CPU hybrid's shape, narrower) that trains a few hundred steps in seconds."""
+    """A small `vit_vgg` (the cpu preset's shape, narrower) that trains a few hundred steps in seconds."""
     return apply_overrides(load_preset("cpu"), [
         "model.stem_channels=8,16,32,32", "model.stem_convs=1", "model.embed_dim=32", "model.num_heads=2",
         "model.mlp_dim=64", "model.head_hidden=32", "model.depth=1", "optim.ema_decay=0", "train.batch_size=32",
@@ -151,7 +151,7 @@ def test_the_inference_path_never_imports_torch_dynamo():
     assert done.stdout.strip().splitlines()[-1] == "False"
 
 
-def test_train_without_a_preset_picks_the_cpu_hybrid_on_a_cpu_and_says_so(monkeypatch, capsys):
+def test_train_without_a_preset_picks_the_cpu_preset_on_a_cpu_and_says_so(monkeypatch, capsys):
     from fervit.cli import build_parser
     from fervit.cli.train import config_from_args
 

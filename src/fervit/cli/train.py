@@ -66,7 +66,7 @@ def config_from_args(args):
 
 
 def default_preset(device: str | None) -> str:
-    """The preset `fervit train` trains without --preset: the CPU hybrid on a CPU (vit_cnn's 145 tokens cost 32
+    """The preset `fervit train` trains without --preset: the CPU model (vit_vgg) on a CPU (vit_cnn's 145 tokens cost 32
     minutes an epoch on two cores), vit_cnn on a GPU. Says which on stdout."""
     import torch
 
@@ -74,7 +74,7 @@ def default_preset(device: str | None) -> str:
     name = "vit_cnn" if on_gpu else "cpu"
     if os.environ.get("RANK", "0") == "0":
         print(f"fervit train: no --preset, so {name} ({'a GPU' if on_gpu else 'no GPU'} here"
-              + ("" if on_gpu else "; the CPU hybrid, 1-2 minutes an epoch on 2 cores; --preset cpu_fast trains "
+              + ("" if on_gpu else "; vit_vgg, 1-2 minutes an epoch on 2 cores; --preset cpu_fast trains "
                                    "in under 20 minutes") + ")")  # stdout, with the run's log: errors stay one line
     return name
 

@@ -1,4 +1,4 @@
-"""The CPU-shaped hybrid (`vit_vgg`): a VGG-style stem brings the face down to a 5x5 or 6x6 token grid, and a
+"""The CPU-shaped conv + transformer model (`vit_vgg`): a VGG-style stem brings the face down to a 5x5 or 6x6 token grid, and a
 light ViT encoder (2-4 blocks) reads those 25-36 tokens.
 
 Why this shape: on a CPU the transformer's cost grows with the token count, and `vit_cnn`'s 145 tokens make

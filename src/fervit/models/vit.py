@@ -1,4 +1,4 @@
-"""The two model families: a patch ViT and the CNN-stem + ViT hybrid.
+"""The two model families: a patch ViT (`vit_patch`) and the CNN stem + ViT (`vit_cnn`).
 
 Both share `Encoder`: [CLS] + learnable positions -> pre-norm blocks -> norm -> MLP head on [CLS]
 (or on the mean of the other tokens: `model.pool=mean`).
