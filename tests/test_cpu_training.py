@@ -157,8 +157,8 @@ def test_train_without_a_preset_picks_the_cpu_preset_on_a_cpu_and_says_so(monkey
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cfg = config_from_args(build_parser().parse_args(["train"]))
-    assert cfg.model.name == "vit_vgg" and cfg.model.depth > 0  # the `cpu` preset: the hybrid, not its stem
-    assert "no --preset, so cpu" in capsys.readouterr().out
+    assert cfg.model.name == "vit_vgg" and cfg.model.depth == 0  # cpu_cnn: the stem, which beat the cpu preset
+    assert "no --preset, so cpu_cnn" in capsys.readouterr().out
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert config_from_args(build_parser().parse_args(["train"])).model.name == "vit_cnn"
 

@@ -49,8 +49,9 @@ def test_it_classifies_real_private_test_faces_far_above_chance(shipped, real_da
     with torch.no_grad():
         preds = model(normalize(data.images[idx])).argmax(1)
     accuracy = (preds == data.labels[idx]).float().mean().item()
-    # the CPU-trained vit_vgg scores 61.7% on these 415 faces; the H200 vit_cnn it replaced 56.4%, which fails here
-    assert accuracy >= 0.59, f"{accuracy:.1%} on {len(idx)} class-balanced PrivateTest faces"
+    # the shipped model (vit_vgg's stem, cpu_cnn) scores 66.3% on these 415 faces; the one it replaced (the cpu
+    # preset, stem + 2 transformer blocks) 61.7%, which fails here
+    assert accuracy >= 0.64, f"{accuracy:.1%} on {len(idx)} class-balanced PrivateTest faces"
     assert len(set(preds.tolist())) == 7  # every class is predicted, "disgusted" included
 
 

@@ -66,16 +66,19 @@ def config_from_args(args):
 
 
 def default_preset(device: str | None) -> str:
-    """The preset `fervit train` trains without --preset: the CPU model (vit_vgg) on a CPU (vit_cnn's 145 tokens cost 32
-    minutes an epoch on two cores), vit_cnn on a GPU. Says which on stdout."""
+    """The preset `fervit train` trains without --preset: cpu_cnn on a CPU, vit_cnn on a GPU. Says which on stdout.
+
+    On a CPU vit_cnn's 145 tokens cost 32 minutes an epoch on two cores; of the two CPU-shaped models, the VGG stem
+    alone (cpu_cnn) beat the stem with two transformer blocks (cpu) in equal two-hour runs (RESULTS.md)."""
     import torch
 
     on_gpu = (device or "auto").startswith("cuda") or ((device or "auto") == "auto" and torch.cuda.is_available())
-    name = "vit_cnn" if on_gpu else "cpu"
+    name = "vit_cnn" if on_gpu else "cpu_cnn"
     if os.environ.get("RANK", "0") == "0":
         print(f"fervit train: no --preset, so {name} ({'a GPU' if on_gpu else 'no GPU'} here"
-              + ("" if on_gpu else "; vit_vgg, 1-2 minutes an epoch on 2 cores; --preset cpu_fast trains "
-                                   "in under 20 minutes") + ")")  # stdout, with the run's log: errors stay one line
+              + ("" if on_gpu else "; vit_vgg's VGG stem alone, which beat it with two transformer blocks "
+                                   "(--preset cpu) on a CPU; 1-2 minutes an epoch on 2 cores; --preset cpu_fast "
+                                   "trains in under 20 minutes") + ")")  # stdout, with the run's log: errors stay one line
     return name
 
 
