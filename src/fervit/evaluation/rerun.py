@@ -50,6 +50,14 @@ def evaluate_checkpoint(checkpoint: str | list[str], split: str = "test", data_r
     all_weights = [find_checkpoint(c) for c in checkpoints]
     weights = all_weights[0]
     run_dir = weights.parent
+    # what the request itself gets wrong is said before the data is looked for
+    if len(all_weights) > 1 and not output:
+        raise FervitError("an ensemble of several checkpoints needs --output DIR for its results")
+    if calibrate and len(all_weights) > 1:
+        raise FervitError("--calibrate fits one model's temperature; give a single checkpoint")
+    if calibrate and not os.access(weights.with_suffix(".json"), os.W_OK):
+        raise FervitError(f"--calibrate writes the temperature into '{weights.with_suffix('.json')}', which cannot "
+                          "be written; copy the run folder somewhere writable")
     cfg = read_config(run_dir, "evaluate") or split_config_from_meta(weights)
     if data_root:
         cfg.data.root = data_root
@@ -59,14 +67,6 @@ def evaluate_checkpoint(checkpoint: str | list[str], split: str = "test", data_r
         cfg.data.protocol = protocol
     if cache_dir:
         cfg.data.cache_dir = cache_dir
-    cfg.data.root = resolve_data_root(cfg.data.root)
-    if len(all_weights) > 1 and not output:
-        raise FervitError("an ensemble of several checkpoints needs --output DIR for its results")
-    if calibrate and len(all_weights) > 1:
-        raise FervitError("--calibrate fits one model's temperature; give a single checkpoint")
-    if calibrate and not os.access(weights.with_suffix(".json"), os.W_OK):
-        raise FervitError(f"--calibrate writes the temperature into '{weights.with_suffix('.json')}', which cannot "
-                          "be written; copy the run folder somewhere writable")
     out_dir = Path(output) if output else run_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     if not os.access(out_dir, os.W_OK):
@@ -85,6 +85,7 @@ def evaluate_checkpoint(checkpoint: str | list[str], split: str = "test", data_r
         for w, (_, m) in zip(all_weights, models):
             announce(w, m)
     model, meta = models[0]
+    cfg.data.root = resolve_data_root(cfg.data.root)  # after the checks on the request and the model files
     data = load_fer(cfg.data.root, cfg.data.cache_dir or None, strict, progress=progress)
     splits = make_splits(data, cfg.data.protocol, cfg.data.val_fraction, cfg.data.split_seed,
                          cfg.data.drop_eval_duplicates)
