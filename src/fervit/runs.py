@@ -6,8 +6,6 @@ import warnings
 from pathlib import Path
 
 from fervit.run_folder import RESULTS, DamagedResults, read_results
-# callers outside the package's own modules (inference.onnx, scripts/) still import these two from here
-from fervit.run_folder import read_config as read_run_config, read_metrics_csv  # noqa: F401
 
 
 def collect_runs(root: str | Path) -> list[dict]:

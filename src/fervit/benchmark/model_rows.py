@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from fervit.benchmark.config import BenchConfig
+from fervit.benchmark.harness import PhasedTrainStep as TrainStep
+from fervit.benchmark.harness import optimizer_step
 from fervit.benchmark.measure import (best_seconds, flops_per_image, median_ms, reset_peak_memory, train_row)
 from fervit.benchmark.pipelines import ImageFiles, UsualBatches, usual_train_transform
 from fervit.benchmark.step_modes import step_breakdown
@@ -17,8 +19,7 @@ from fervit.data.augment import normalize
 from fervit.device import autocast, channels_last_choice, resolve_amp
 from fervit.evaluation.evaluate import evaluate
 from fervit.models import build_model, count_parameters
-from fervit.benchmark.harness import EpochParts, optimizer_step, train_one_epoch
-from fervit.benchmark.harness import PhasedTrainStep as TrainStep
+from fervit.training.epoch import EpochBatches, train_one_epoch
 from fervit.training.parts import build_optimizer, maybe_compile
 
 BREAKDOWN_STEPS = 50  # steps per phase breakdown: enough for a stable mean, a small profiler trace
@@ -47,12 +48,13 @@ def bench_model(name: str, preset: RunConfig, cfg: BenchConfig, device, images, 
     side = preset.model.crop_size or preset.model.img_size  # what training feeds the model
     example = torch.zeros(bs, preset.model.in_chans, side, side, device=device)
     train_model = maybe_compile(model, cfg.compile, device, example)  # on CUDA both pipelines train this module
+    # one step for the whole bench, as the trainer builds one per run; the breakdown below times it too
+    step = TrainStep(train_model, optimizer, scheduler, preset, amp_dtype=amp, channels_last=channels_last)
 
     # fervit: the trainer's own epoch function on a random subset of train/ that holds k batches
     def fervit_steps(k: int) -> None:
         subset = train_dev[torch.randperm(len(train_dev), generator=gen, device=device)[:k * bs]]
-        train_one_epoch(EpochParts(preset, train_model, optimizer, scheduler, images, labels, subset, gen,
-                                   amp_dtype=amp, channels_last=channels_last))
+        train_one_epoch(step, EpochBatches(images, labels, subset, gen))
 
     reset_peak_memory(device)
     if warmup:
@@ -166,7 +168,6 @@ def bench_model(name: str, preset: RunConfig, cfg: BenchConfig, device, images, 
     }
     # where a step's time goes: the step of the model trained above (compiled or not), phase by phase
     stage(f"{name}: step breakdown ({'compiled' if row['compiled'] else 'eager'} model, {steps} steps of {bs})")
-    step = TrainStep(train_model, optimizer, scheduler, preset, amp_dtype=amp, channels_last=channels_last)
     step(images[train_dev[:bs]], labels[train_dev[:bs]], gen)  # warm-up
     row["breakdown"] = step_breakdown(step, images, labels, train_dev, gen, min(steps, BREAKDOWN_STEPS), device)
     row["breakdown"]["model_compiled"] = row["compiled"]
