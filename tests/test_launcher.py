@@ -339,8 +339,9 @@ def test_sigterm_to_fervit_train_seeds_leaves_no_job_training(tmp_path):
     import time
 
     root = make_layout(tmp_path / "fer")
+    # epochs enough that no job can finish before the signal however loaded the machine (500 once did, in a full run here)
     parent = subprocess.Popen([sys.executable, "-m", "fervit", "train", "--seeds", "0,1", "--data", str(root),
-                               "--output", str(tmp_path / "runs"), *COMMON[:6], "--epochs", "500", "--quiet",
+                               "--output", str(tmp_path / "runs"), *COMMON[:6], "--epochs", "100000", "--quiet",
                                "--set", "train.threads=1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 90
