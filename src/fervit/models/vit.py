@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from fervit.config import ModelConfig
-from fervit.models.layers import Block, center_crop, init_weights, is_meta
+from fervit.models.layers import Block, Dropout, center_crop, init_weights, is_meta
 from fervit.models.registry import register_model
 
 
@@ -26,13 +26,13 @@ class Encoder(nn.Module):
         dim = cfg.embed_dim
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens + 1, dim))
-        self.pos_drop = nn.Dropout(cfg.dropout)
+        self.pos_drop = Dropout(cfg.dropout)
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear stochastic depth
         self.blocks = nn.ModuleList(
             Block(dim, cfg.num_heads, cfg.mlp_dim, cfg.dropout, cfg.attn_dropout, r) for r in rates)
         self.norm = nn.LayerNorm(dim)
         if cfg.head_hidden:
-            self.head = nn.Sequential(nn.Linear(dim, cfg.head_hidden), nn.GELU(), nn.Dropout(cfg.dropout),
+            self.head = nn.Sequential(nn.Linear(dim, cfg.head_hidden), nn.GELU(), Dropout(cfg.dropout),
                                       nn.Linear(cfg.head_hidden, cfg.num_classes))
         else:
             self.head = nn.Linear(dim, cfg.num_classes)
