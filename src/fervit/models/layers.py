@@ -39,7 +39,7 @@ def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: f
     """
     attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     attn = attn.softmax(dim=-1)
-    attn = dropout_cpu(attn, dropout) if dropout > 0 else attn
+    attn = dropout_cpu(attn, dropout)  # the identity at 0
     return attn @ v
 
 
@@ -58,11 +58,11 @@ MASK_BITS = 15  # random bits per element of a CPU dropout mask: the drop probab
 
 
 def dropout_cpu(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Training-mode dropout for a CPU tensor, its mask drawn about 4x faster than torch's.
+    """Training-mode dropout for a CPU tensor, its mask drawn from fewer random numbers than torch's.
 
-    torch's CPU dropout draws a float Bernoulli per element on one thread, whatever torch's thread count:
-    about 190 ms for one (128, 145, 768) bf16 mask, which made dropout most of `vit_cnn`'s CPU training step
-    (BENCHMARKS.md, "CPU: the bf16 path"). Here one 64-bit draw of the same default generator gives four
+    torch's CPU dropout draws a float Bernoulli per element on one thread, whatever torch's thread count: for one
+    (128, 145, 768) bf16 mask of `vit_cnn`, 118 ms forward and 155 ms with the backward at 2 threads, against
+    42 and 66 ms here (BENCHMARKS.md, "CPU: the bf16 path"). Here one 64-bit draw of the same default generator gives four
     elements 15 bits each, and an element is kept when its bits reach round(p * 2^15): the drop probability
     is p rounded to 1/32768 (0.15 -> 0.149994), and the kept ones are scaled by exactly the inverse of the
     keep probability, so the expectation is unchanged.
