@@ -11,7 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fervit.config import AugmentConfig
-from fervit.data.augment import affine_grid, affine_params, augment_batch, erase_mask, mix_batch, normalize
+from fervit.data.augment import affine_grid, affine_params, augment_batch, erase_mask, mix_batch
+from fervit.data.images import normalize
 from fervit.evaluation.evaluate import predict_logits
 
 # every op switched off but the pipeline enabled: the identity, so each test can turn on one op

@@ -16,7 +16,7 @@ import torch
 
 from fervit.cli import main
 from fervit.config import AugmentConfig
-from fervit.data.augment import normalize
+from fervit.data.images import normalize
 from fervit.errors import FervitError
 from tests.conftest import make_layout
 

@@ -16,7 +16,8 @@ from fervit.cli import main
 from fervit.errors import FervitError
 from fervit.evaluation.calibration import ece, fit_temperature, nll, reliability
 from fervit.inference.predictor import Predictor
-from fervit.models.checkpoint import ModelFile, load_model
+from fervit.model_file import ModelFile
+from fervit.models.checkpoint import load_model
 
 
 def overconfident(n: int = 4000, sharpen: float = 3.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -11,7 +11,8 @@ from helpers import save_tiny_checkpoint, tiny_model_config
 
 from fervit.config import DataConfig
 from fervit.errors import FervitError
-from fervit.models.checkpoint import InputSpec, ModelFile, SplitSpec, describe
+from fervit.model_file import InputSpec, ModelFile, SplitSpec
+from fervit.models.checkpoint import describe
 
 SHIPPED = Path(__file__).resolve().parents[1] / "src" / "fervit" / "assets" / "model.json"
 

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from fervit import device as fervit_device
 from fervit.config import RunConfig, apply_overrides, load_preset
-from fervit.data.augment import normalize
+from fervit.data.images import normalize
 from fervit.device import amp_choice, channels_last_choice
 from fervit.models import build_model, create_model
 from fervit.training.parts import build_optimizer

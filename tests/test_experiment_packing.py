@@ -10,7 +10,8 @@ import torch
 from helpers import save_tiny_checkpoint
 from safetensors import safe_open
 
-from fervit.models.checkpoint import ModelFile, load_model
+from fervit.model_file import ModelFile
+from fervit.models.checkpoint import load_model
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "gpu_experiment.py"
 

@@ -15,10 +15,11 @@ pytest.importorskip("onnxruntime", reason="ONNX export needs the onnx extra")
 pytest.importorskip("onnxscript", reason="ONNX export needs the onnx extra")
 
 from fervit.cli import main  # noqa: E402
-from fervit.data.augment import normalize  # noqa: E402
+from fervit.data.images import normalize  # noqa: E402
 from fervit.inference.onnx import (PROB_ATOL, ParityReport, check_parity, export_onnx, load_onnx,  # noqa: E402
                                    real_test_slice)
-from fervit.models.checkpoint import ModelFile, load_model  # noqa: E402
+from fervit.model_file import ModelFile
+from fervit.models.checkpoint import load_model  # noqa: E402
 from test_predict import FACES, make_checkpoint  # noqa: E402
 
 # fixtures that take over 5 s to build: conftest marks every test that needs one slow

@@ -136,7 +136,8 @@ def test_mirror_tta_is_unchanged_and_ten_crop_needs_a_cropping_model():
 
 
 def test_predictor_ten_crop_gives_the_evaluations_probabilities():
-    from fervit.inference.predictor import Predictor, TorchClassifier
+    from fervit.inference.predictor import Predictor
+    from fervit.inference.torch_classifier import TorchClassifier
 
     model = tiny_hybrid(crop_size=40)
     meta = describe(ModelConfig(name="vit_resnet", **TINY, crop_size=40))
@@ -183,7 +184,8 @@ def test_ten_crop_for_a_whole_face_model_is_refused_before_training(tiny_layout,
 def test_a_cropping_model_exports_to_onnx_with_a_48px_input_and_ten_crop_works_there(tmp_path):
     pytest.importorskip("onnxruntime", reason="needs the onnx extra")
     from fervit.inference.onnx import export_onnx, load_onnx
-    from fervit.inference.predictor import Predictor, TorchClassifier
+    from fervit.inference.predictor import Predictor
+    from fervit.inference.torch_classifier import TorchClassifier
 
     model = tiny_hybrid(crop_size=40)
     meta = describe(ModelConfig(name="vit_resnet", **TINY, crop_size=40))

@@ -34,7 +34,8 @@ def test_a_fer2013_run_is_packaged_in_fp16_with_its_own_numbers(ship, tiny_layou
     run = tiny_run(tiny_layout, tmp_path, "fer2013")
     dest = tmp_path / "assets"
     assert ship([str(run), "--dest", str(dest), "--data", str(tiny_layout)]) == 0
-    for name in ("model.safetensors", "model.json", "MODEL_CARD.md", "confusion_matrix.png", "train_config.json"):
+    for name in ("model.safetensors", "model.json", "model.onnx", "MODEL_CARD.md", "confusion_matrix.png",
+                 "train_config.json"):
         assert (dest / name).stat().st_size > 0, name
     with safe_open(str(dest / "model.safetensors"), "pt") as f:
         assert all(f.get_tensor(k).dtype == torch.float16 for k in f.keys() if f.get_tensor(k).is_floating_point())

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from fervit.data.augment import normalize
+from fervit.data.images import normalize
 from fervit.data.dataset import load_fer
 from fervit.inference.predictor import shipped_model
 from fervit.models import model_names
@@ -53,6 +53,34 @@ def test_it_classifies_real_private_test_faces_far_above_chance(shipped, real_da
     # preset, stem + 2 transformer blocks) 61.7%, which fails here
     assert accuracy >= 0.64, f"{accuracy:.1%} on {len(idx)} class-balanced PrivateTest faces"
     assert len(set(preds.tolist())) == 7  # every class is predicted, "disgusted" included
+
+
+def test_its_onnx_export_is_the_same_model_and_the_default_on_a_cpu(shipped, real_data):
+    """assets/model.onnx carries the same description and gives the same probabilities as the safetensors
+    weights, and backend auto picks it (ONNX Runtime) for the shipped model; --backend torch still gets PyTorch."""
+    pytest.importorskip("onnxruntime")
+    from fervit.inference.predictor import Predictor
+
+    onnx_path = shipped.with_suffix(".onnx")
+    auto, torch_ = Predictor.load(backend="auto"), Predictor.load(backend="torch")
+    assert (auto.backend, auto.source) == ("onnx", onnx_path)
+    assert (torch_.backend, torch_.source) == ("torch", shipped)
+    assert auto.meta.to_dict() == torch_.meta.to_dict()  # one description, one temperature
+    data = load_fer(real_data, progress=False)
+    faces = data.images[torch.nonzero(data.usage == 3).flatten()[:256]].numpy()
+    for tta in ("none", "ten_crop"):
+        auto.tta = torch_.tta = tta
+        p_onnx, p_torch = auto.classify(faces), torch_.classify(faces)
+        assert abs(p_onnx - p_torch).max() < 1e-4, tta
+        assert (p_onnx.argmax(1) == p_torch.argmax(1)).all()
+
+
+def test_without_onnxruntime_the_shipped_model_runs_on_pytorch(shipped, monkeypatch):
+    from fervit.inference.predictor import Predictor
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now raises ImportError
+    predictor = Predictor.load()
+    assert (predictor.backend, predictor.source) == ("torch", shipped)
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from fervit.config import apply_overrides, load_preset
-from fervit.data.augment import normalize
+from fervit.data.images import normalize
 from fervit.data.dataset import CLASSES, load_fer
 from fervit.data.splits import make_splits
 from fervit.evaluation.evaluate import evaluate

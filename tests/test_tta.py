@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from helpers import tiny_model, tiny_model_config
 
-from fervit.data.augment import normalize
+from fervit.data.images import normalize
 from fervit.data.tta import mean_log_probs, tta_views
 from fervit.evaluation.evaluate import predict_logits
 from fervit.inference.predictor import Predictor
@@ -23,6 +23,20 @@ def test_the_average_is_the_mean_of_each_faces_view_log_probabilities():
     assert got.shape == (2, 3)
 
 
+def test_numpy_and_torch_inputs_give_the_same_views_and_averages():
+    """The ONNX Runtime predictor runs these on numpy arrays, evaluation on tensors: one body, same numbers."""
+    faces = torch.randint(0, 256, (3, 48, 48), dtype=torch.uint8)
+    x_t, x_n = normalize(faces), normalize(faces.numpy())
+    assert isinstance(x_n, np.ndarray) and x_n.dtype == np.float32
+    np.testing.assert_array_equal(x_n, x_t.numpy())
+    for mode in ("none", "mirror", "ten_crop"):
+        v_t, v_n = tta_views(x_t, mode, 40), tta_views(x_n, mode, 40)
+        assert isinstance(v_n, np.ndarray)
+        np.testing.assert_array_equal(v_n, v_t.numpy())
+        logits = torch.randn(len(v_t), 7, dtype=torch.float64)
+        np.testing.assert_allclose(mean_log_probs(logits.numpy(), 3), mean_log_probs(logits, 3).numpy(), atol=1e-12)
+
+
 class _Eager:
     """The predictor's classifier interface over an eager model: numpy in, numpy logits out."""
 
@@ -33,7 +47,7 @@ class _Eager:
 
     @torch.no_grad()
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.model(torch.from_numpy(x)).numpy()
+        return self.model(torch.from_numpy(np.ascontiguousarray(x))).numpy()
 
 
 def test_evaluation_and_the_predictor_give_the_same_mirror_tta_answer():

@@ -2,7 +2,7 @@
 
     config.json                the RunConfig the run trains; `--resume --epochs N` rewrites train.epochs
     training_metrics.csv       one row per finished epoch (METRIC_FIELDS)
-    best_model.safetensors     the best model so far, with its .json description (fervit.models.checkpoint)
+    best_model.safetensors     the best model so far, with its .json description (fervit.model_file)
     results.json               `Results`: written when the run finishes, updated by `fervit evaluate`
     results_at_epoch<N>.json   the results of a finished run that `--resume --epochs` trains further
     last/                      the checkpoint a resume continues from (fervit.training.checkpoint)
@@ -28,7 +28,7 @@ from pathlib import Path
 from fervit.config import RunConfig
 from fervit.errors import FervitError
 from fervit.io import atomic_write, make_folder, write_json
-from fervit.models.checkpoint import WEIGHTS_NAME
+from fervit.model_file import WEIGHTS_NAME
 
 try:
     import fcntl

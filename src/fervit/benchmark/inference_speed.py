@@ -106,7 +106,7 @@ def main(argv=None) -> int:
             ap.error("--user-waits times a photo too: give --photo PHOTO.jpg (python tests/photo.py makes one)")
         return user_waits(args.model, args.data, args.threads, Path(args.photo))
 
-    from fervit.data.augment import normalize
+    from fervit.data.images import normalize
     from fervit.inference.onnx import export_onnx, load_onnx
 
     torch.set_num_threads(args.threads)
@@ -167,9 +167,10 @@ FACE = "test/happy/PrivateTest_10077120.jpg"  # the FER-2013 face timed alone, u
 
 
 def user_waits(models: list[str], data: str | None, threads: int, photo: Path, cli_runs: int = 5,
-               api_runs: int = 30) -> int:
+               api_runs: int = 30, backends: tuple[str, ...] = ("auto", "torch")) -> int:
     """Median wall time of one face and `photo` through `fervit predict` (a new process each) and
-    `fervit serve` (in-process app, sequential requests), for each model (default: the shipped one)."""
+    `fervit serve` (in-process app, sequential requests), for each model (default: the shipped one) and backend
+    (auto: ONNX Runtime for the shipped model when installed, the command a user types; torch: PyTorch)."""
     import subprocess
 
     from fastapi.testclient import TestClient
@@ -185,9 +186,10 @@ def user_waits(models: list[str], data: str | None, threads: int, photo: Path, c
     Predictor.load(models[0])  # untimed: the first load also pays for the imports
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     rows = []
-    for model in models:
+    for model, backend in ((m, b) for m in models for b in backends):
         def cli(path, *flags):
-            cmd = [sys.executable, "-m", "fervit", "predict", str(path), "--json", "--model", model, *flags]
+            cmd = [sys.executable, "-m", "fervit", "predict", str(path), "--json", "--model", model,
+                   "--backend", backend, *flags]
             times = []
             for _ in range(cli_runs):
                 t0 = time.perf_counter()
@@ -196,7 +198,7 @@ def user_waits(models: list[str], data: str | None, threads: int, photo: Path, c
             return statistics.median(times) * 1e3
 
         t0 = time.perf_counter()
-        predictor = Predictor.load(model)
+        predictor = Predictor.load(model, backend)
         load_ms = (time.perf_counter() - t0) * 1e3
         with TestClient(create_app(predictor)) as client:
             def api(path):
@@ -210,15 +212,16 @@ def user_waits(models: list[str], data: str | None, threads: int, photo: Path, c
                     times.append(time.perf_counter() - t0)
                 return statistics.median(times) * 1e3
 
-            rows.append((model, load_ms, cli(face, "--no-detect"), cli(photo), api(face), api(photo)))
+            rows.append((model, predictor.backend, load_ms, cli(face, "--no-detect"), cli(photo), api(face),
+                         api(photo)))
     print(f"\nMachine: {cpu_name()}, {os.cpu_count()} logical cores, {threads} threads | torch {torch.__version__} | "
           f"Python {platform.python_version()} | load average {load_average()} | medians of {cli_runs} commands "
           f"and {api_runs} requests\n")
-    print("| model | load | `fervit predict` one face | `fervit predict` photo (3 faces) | serve: one face | "
+    print("| model | backend | load | `fervit predict` one face | `fervit predict` photo (3 faces) | serve: one face | "
           "serve: photo |")
-    print("|---|---|---|---|---|---|")
-    for model, load_ms, *ms in rows:
-        print(f"| {model} | {load_ms:.0f} ms | " + " | ".join(f"{m:.0f} ms" for m in ms) + " |")
+    print("|---|---|---|---|---|---|---|")
+    for model, backend, load_ms, *ms in rows:
+        print(f"| {model} | {backend} | {load_ms:.0f} ms | " + " | ".join(f"{m:.0f} ms" for m in ms) + " |")
     return 0
 
 

@@ -15,7 +15,7 @@ from fervit.benchmark.measure import (best_seconds, flops_per_image, median_ms, 
 from fervit.benchmark.pipelines import ImageFiles, UsualBatches, usual_train_transform
 from fervit.benchmark.step_modes import step_breakdown
 from fervit.config import RunConfig
-from fervit.data.augment import normalize
+from fervit.data.images import normalize
 from fervit.device import autocast, channels_last_choice, resolve_amp
 from fervit.evaluation.evaluate import evaluate
 from fervit.models import build_model, count_parameters

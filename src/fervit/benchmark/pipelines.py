@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from fervit.config import AugmentConfig
-from fervit.data.augment import MEAN, STD
+from fervit.data.images import MEAN, STD
 from fervit.errors import FervitError
 
 BENCH_EXTRA_HINT = "install the benchmark's extras with: pip install 'fervit[bench]'"

@@ -27,7 +27,7 @@ def run_export(args) -> int:
 
     from fervit.inference.onnx import export_checkpoint
     from fervit.inference.predictor import model_line, resolve_model
-    from fervit.models.checkpoint import ModelFile, find_checkpoint
+    from fervit.model_file import ModelFile, find_checkpoint
 
     weights = find_checkpoint(resolve_model(args.checkpoint, args.runs))
     path, report = export_checkpoint(weights, args.output, args.data, args.check_images, progress=True)

@@ -22,7 +22,9 @@ def add_parser(sub) -> None:
     p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--runs", default="runs", metavar="DIR", help=RUNS_HELP)
     p.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto",
-                   help="auto: ONNX Runtime for .onnx files, else PyTorch; onnx: the export beside the checkpoint")
+                   help="auto: ONNX Runtime for .onnx files and for the shipped model when the onnx extra is "
+                        "installed (no torch import: a photo in under a second), else PyTorch; onnx: the export "
+                        "beside the checkpoint")
     p.add_argument("--device", default="cpu", help="PyTorch device: cpu | cuda | auto")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="one JSON array, an object per image")

@@ -12,14 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from fervit.config import AugmentConfig
-
-MEAN, STD = 0.5, 0.5  # pixel normalisation shared by training, evaluation and inference
-
-
-def normalize(images_u8: torch.Tensor, mean: float = MEAN, std: float = STD) -> torch.Tensor:
-    """(B, H, W) uint8 -> (B, 1, H, W) float32, (x/255 - mean) / std: the deterministic eval transform.
-    Inference passes the mean and std its model file records; fervit trains with MEAN and STD ([-1, 1])."""
-    return (images_u8.unsqueeze(1).float() / 255.0 - mean) / std
+from fervit.data.images import MEAN, STD
 
 
 def _uniform(n: int, low: float, high: float, gen: torch.Generator, device) -> torch.Tensor:

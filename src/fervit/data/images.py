@@ -20,6 +20,20 @@ MAX_PIXELS = 50_000_000  # a 50 MP photo decodes to 150 MB of RGB; larger is ref
 # fervit refuses images over its own, smaller pixel limit before decoding them, so Pillow's bomb warning
 # (issued at 89 MP, before fervit's check can run) only adds noise
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+MEAN, STD = 0.5, 0.5  # pixel normalisation shared by training, evaluation and inference
+
+
+def normalize(images_u8, mean: float = MEAN, std: float = STD):
+    """(B, H, W) uint8 -> (B, 1, H, W) float32, (x/255 - mean) / std: the deterministic eval transform.
+
+    A numpy array gives a numpy array (the ONNX Runtime predictor, which never imports torch), a torch tensor a
+    tensor on its device, with the same float32 operations in the same order. Inference passes the mean and std
+    its model file records; fervit trains with MEAN and STD ([-1, 1]).
+    """
+    if isinstance(images_u8, np.ndarray):
+        x = images_u8[:, None].astype(np.float32) / np.float32(255.0)
+        return (x - np.float32(mean)) / np.float32(std)
+    return (images_u8.unsqueeze(1).float() / 255.0 - mean) / std
 
 
 def to_8bit(im: Image.Image) -> Image.Image:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from fervit.errors import FervitError
-from fervit.models.checkpoint import ModelFile
+from fervit.model_file import ModelFile
 
 ECE_BINS = 15
 # the search interval for T: wide enough for any model fervit trains (measured fits are ~1-2), and bounded

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fervit.data.augment import MEAN, STD, normalize
+from fervit.data.images import MEAN, STD, normalize
 from fervit.data.dataset import CLASSES
 from fervit.data.tta import mean_log_probs, tta_mode, tta_views
 from fervit.device import autocast

@@ -18,7 +18,8 @@ from fervit.models import count_parameters, model_label
 from fervit.run_folder import (METRICS, RESULTS, DamagedResults, Results, read_config, read_metrics, read_results,
                                write_results)
 from fervit.device import resolve_amp, resolve_device
-from fervit.models.checkpoint import ModelFile, find_checkpoint, load_model
+from fervit.model_file import ModelFile, find_checkpoint
+from fervit.models.checkpoint import load_model
 
 
 EVAL_BATCH = 1024  # the batch evaluation has always used (the figures recorded were measured with it)

@@ -1,4 +1,5 @@
-"""ONNX export with a dynamic batch, its parity check against PyTorch, and the ONNX Runtime backend.
+"""ONNX export with a dynamic batch and its parity check against PyTorch (the runtime side, which needs no
+torch, is `fervit.inference.onnx_runtime`).
 
 The exported file is self-describing: the checkpoint's JSON description (classes, input, model
 config) is stored in the ONNX model's metadata under the key `fervit`.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -17,40 +19,40 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fervit.data.augment import normalize
 from fervit.data.dataset import load_fer
+from fervit.data.images import normalize
 from fervit.errors import FervitError
+from fervit.inference.onnx_runtime import META_KEY, OnnxClassifier, load_onnx, require
 from fervit.io import atomic_write
-from fervit.models.checkpoint import ModelFile
+from fervit.model_file import ModelFile
 from fervit.progress import progress_bar
 
 OPSET = 20
-META_KEY = "fervit"
 # ONNX Runtime and PyTorch run the same float32 math in a different order; measured differences on
 # real faces are ~1e-6 in probability, so 1e-4 flags a wrong export while ignoring rounding.
 PROB_ATOL = 1e-4
 
 
-def _require(module: str):
-    try:
-        return __import__(module)
-    except ImportError:
-        raise FervitError(f"ONNX support needs {module}: pip install 'fervit[onnx]'") from None
-
-
 def export_onnx(model: torch.nn.Module, meta: ModelFile, path: str | os.PathLike, opset: int = OPSET) -> Path:
     """Write `model` as one .onnx file taking (batch, 1, 48, 48) float32 'image' -> (batch, C) 'logits'."""
-    _require("onnxscript")
-    onnx = _require("onnx")
+    require("onnxscript")
+    onnx = require("onnx")
     path = Path(path)
     size = meta.input.size
     example = torch.zeros(2, meta.input.channels, size, size)  # batch 2, not 1: a batch of 1 could be specialised away
-    # the exporter prints progress lines and deprecation warnings that say nothing to a fervit user
+    # the exporter prints progress lines, deprecation warnings and log lines about torchvision ops it cannot
+    # register (fervit has none) that say nothing to a fervit user
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(model.eval(), (example,), input_names=["image"], output_names=["logits"],
-                                    dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), opset_version=opset,
-                                    dynamo=True, verbose=False)
+        exporter_log.setLevel(logging.ERROR)
+        try:
+            program = torch.onnx.export(model.eval(), (example,), input_names=["image"], output_names=["logits"],
+                                        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                                        opset_version=opset, dynamo=True, verbose=False)
+        finally:
+            exporter_log.setLevel(level)
     proto = program.model_proto
     onnx.helper.set_model_props(proto, {META_KEY: json.dumps(meta.to_dict())})
     with atomic_write(path, "wb") as f:
@@ -61,7 +63,7 @@ def export_onnx(model: torch.nn.Module, meta: ModelFile, path: str | os.PathLike
 def write_description(path: str | os.PathLike, meta: ModelFile) -> None:
     """Replace the description in an export's metadata (after `evaluate --calibrate` changed its temperature);
     the graph is untouched: it outputs raw logits and the predictor divides them by T."""
-    onnx = _require("onnx")
+    onnx = require("onnx")
     try:
         proto = onnx.load(str(path))
     except Exception as e:  # onnx raises DecodeError and others for a damaged file
@@ -69,46 +71,6 @@ def write_description(path: str | os.PathLike, meta: ModelFile) -> None:
     onnx.helper.set_model_props(proto, {META_KEY: json.dumps(meta.to_dict())})
     with atomic_write(Path(path), "wb") as f:
         f.write(proto.SerializeToString())
-
-
-class OnnxClassifier:
-    """ONNX Runtime on the CPU: normalised faces (B, 1, 48, 48) float32 -> logits (B, C) numpy."""
-
-    backend = "onnx"
-
-    def __init__(self, session):
-        self.session = session
-        self.input_name = session.get_inputs()[0].name
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
-
-
-def load_onnx(path: str | os.PathLike, threads: int = 0) -> tuple[OnnxClassifier, ModelFile]:
-    """(classifier, model description) for an .onnx file written by `export_onnx`; one-line errors otherwise."""
-    ort = _require("onnxruntime")
-    path = Path(path)
-    if not path.is_file():
-        raise FervitError(f"ONNX model '{path}' does not exist; write one with `fervit export RUN_DIR`")
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3  # errors only: ORT's warnings about unused initialisers are noise here
-    # idle worker threads sleep rather than spin: on a small shared CPU spinning steals the busy thread's core
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as e:  # ORT raises its own exception classes for damaged or foreign files
-        raise FervitError(f"'{path}' is not a loadable ONNX model ({str(e).splitlines()[0][:200]}); "
-                          "re-run `fervit export`") from None
-    raw = session.get_modelmeta().custom_metadata_map.get(META_KEY)
-    try:
-        meta = json.loads(raw) if raw else None
-    except json.JSONDecodeError:
-        meta = None
-    if not isinstance(meta, dict):
-        raise FervitError(f"'{path}' was not written by `fervit export` (no '{META_KEY}' metadata); "
-                          "export the run folder with `fervit export`")
-    return OnnxClassifier(session), ModelFile.from_dict(meta, path)
 
 
 def real_test_slice(root: str | os.PathLike, n: int = 512, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -179,7 +141,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike |
     Raises `FervitError` when the check fails, and then leaves no .onnx file behind; `check_images=0` skips it.
     """
     from fervit.config import resolve_data_root
-    from fervit.models.checkpoint import find_checkpoint, load_model
+    from fervit.model_file import find_checkpoint
+    from fervit.models.checkpoint import load_model
     from fervit.run_folder import read_config
 
     weights = find_checkpoint(checkpoint)

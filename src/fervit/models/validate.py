@@ -1,13 +1,12 @@
-"""Checks on a model file before it is trusted: its JSON description, the shapes its file declares, its values.
+"""Checks on a model file's weights before they are trusted: the shapes its file declares, then its values.
 
 A crafted or damaged checkpoint ends in one sentence naming the file, before anything large is allocated:
-the description is checked first, then the model is built on PyTorch's `meta` device (no memory) and
-compared with the tensor shapes in the safetensors header, and only then are the weights read.
+the description is checked first (`fervit.model_file`), then the model is built on PyTorch's `meta` device (no
+memory) and compared with the tensor shapes in the safetensors header, and only then are the weights read.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -17,51 +16,6 @@ from fervit.config import ModelConfig
 from fervit.errors import FervitError
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-def check_description(d: dict, source: Path | str) -> None:
-    """A one-line error unless the parts of a model description (already known to be fervit's format, with
-    model, classes and input) have the right JSON types."""
-    classes, model, size = d["classes"], d["model"], d["input"]
-    if not (isinstance(classes, list) and classes and all(isinstance(c, str) and c for c in classes)):
-        raise FervitError(f"'{source}': 'classes' must be a list of class names")
-    if not isinstance(model, dict) or not isinstance(size, dict):
-        raise FervitError(f"'{source}': 'model' and 'input' must be JSON objects")
-
-
-def check_model(cfg: ModelConfig, classes: list[str], input_size: int, source: Path | str) -> None:
-    """A one-line error unless the model's sizes are all positive and its class names and input size agree
-    with the model that will be built."""
-    sizes = {"img_size": cfg.img_size, "in_chans": cfg.in_chans, "num_classes": cfg.num_classes,
-             "embed_dim": cfg.embed_dim, "depth": cfg.depth, "num_heads": cfg.num_heads, "mlp_dim": cfg.mlp_dim,
-             "patch_size": cfg.patch_size, "stem_convs": cfg.stem_convs, "stem_blocks": cfg.stem_blocks}
-    bad = next((k for k, v in sizes.items() if v < (0 if k == "depth" else 1)), None)
-    if bad:
-        raise FervitError(f"'{source}': model.{bad} must be at least {0 if bad == 'depth' else 1}, got {sizes[bad]}")
-    if cfg.name in ("vit_cnn", "vit_resnet", "vit_vgg") and (not cfg.stem_channels or min(cfg.stem_channels) < 1):
-        raise FervitError(f"'{source}': model.stem_channels must list at least one positive channel count, "
-                          f"got {list(cfg.stem_channels)}")
-    if len(classes) != cfg.num_classes:
-        raise FervitError(f"'{source}' names {len(classes)} classes but its model has {cfg.num_classes} "
-                          "outputs; the two must agree")
-    if input_size != cfg.img_size:
-        raise FervitError(f"'{source}' says the input is {input_size} px but its model is built for "
-                          f"{cfg.img_size} px images; the two must agree")
-
-
-def check_input(spec, cfg: ModelConfig, source: Path | str) -> None:
-    """A one-line error unless the input normalisation can mean something: a finite mean, a finite std above 0
-    (a std of 0 divides every face by zero, so every prediction is NaN), and the model's channel count."""
-    def finite(x) -> bool:
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-    if not finite(spec.mean):
-        raise FervitError(f"'{source}': input.mean must be a finite number, got {spec.mean!r}")
-    if not finite(spec.std) or spec.std <= 0:
-        raise FervitError(f"'{source}': input.std must be a finite number above 0, got {spec.std!r}")
-    if spec.channels != cfg.in_chans:
-        raise FervitError(f"'{source}': input.channels is {spec.channels!r} but its model takes {cfg.in_chans}; "
-                          "the two must agree")
 
 
 def header_tensors(weights: Path) -> dict[str, tuple[tuple[int, ...], str]]:
