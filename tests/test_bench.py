@@ -126,6 +126,7 @@ def test_a_cpu_bench_measures_its_own_peak_and_the_share_of_it_each_model_reache
     fervit = d["models"]["tiny"]["fervit"]
     assert fervit["peak_fraction"] == pytest.approx(fervit["tflops"] / d["bf16_peak_tflops"])
     assert positive(fervit["latency_fp32_ms"]) and positive(fervit["eval_fp32_images_s"])
+    assert positive(fervit["eval_fp32_nchw_images_s"]) and "NCHW weights" in d["table"]
     assert "CPU peak, measured" in d["table"]
 
 

@@ -153,6 +153,10 @@ def bench_model(name: str, preset: RunConfig, cfg: BenchConfig, device, images, 
         fervit["latency_fp32_ms"] = median_ms(fp32_one, cfg.latency_runs, device)
         fervit["eval_fp32_images_s"] = n_eval / best_seconds(
             lambda: evaluate(model, images, labels, eval_idx, cfg.eval_batch_size, None), cfg.repeats, device)
+        # what fervit's evaluation did before it chose bf16 and channels_last on a CPU: fp32, NCHW weights
+        nchw = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+        fervit["eval_fp32_nchw_images_s"] = n_eval / best_seconds(
+            lambda: evaluate(nchw, images, labels, eval_idx, cfg.eval_batch_size, None), cfg.repeats, device)
     row = {
         "params": count_parameters(model),
         "batch_size": bs,

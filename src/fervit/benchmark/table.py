@@ -60,7 +60,8 @@ def format_table(result: dict) -> str:
             if "latency_fp32_ms" in f:
                 lines.append(f"{name}: inference without autocast (fp32): eval {f['eval_fp32_images_s']:,.0f} img/s, "
                              f"batch-1 latency {f['latency_fp32_ms']:.2f} ms (bf16 autocast: {f['eval_images_s']:,.0f}"
-                             f" img/s, {f['latency_ms']:.2f} ms)")
+                             f" img/s, {f['latency_ms']:.2f} ms); fp32 with NCHW weights, as fervit evaluated before "
+                             f"bf16 and channels_last: {f['eval_fp32_nchw_images_s']:,.0f} img/s")
     elif not peak:
         lines.append("bf16 peak: not known for this device")
     lines.append(f"peak memory: {result['peak_mem_kind']}")

@@ -11,7 +11,7 @@ from fervit.errors import FervitError
 
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train a model and write a run folder")
-    p.add_argument("--preset", help="preset name or .json file (see `fervit presets`; default: cpu on a CPU, "
+    p.add_argument("--preset", help="preset name or .json file (see `fervit presets`; default: cpu_cnn on a CPU, "
                                     "vit_cnn on a GPU)")
     add_data_args(p)
     p.add_argument("--protocol", choices=["seed", "fer2013"],
