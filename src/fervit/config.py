@@ -109,6 +109,10 @@ class OptimConfig:
     grad_clip: float = 1.0  # 0 disables
     ema_decay: float = 0.0  # 0 disables; otherwise the EMA weights are evaluated and saved
     ema_warmup: bool = False  # the EMA's decay at update n is min(ema_decay, (1 + n) / (10 + n))
+    # knowledge distillation from teacher run folders or model files (fervit.training.teachers)
+    distill_from: tuple[str, ...] = ()
+    distill_weight: float = 0.5
+    distill_temperature: float = 2.0
 
 
 @dataclass
@@ -194,6 +198,8 @@ RANGES = {
     "optim.ema_decay": (0.0, 1.0, "0 (off) or in (0, 1)", "open_high"),
     "optim.plateau_factor": (0.0, 1.0, "in (0, 1): a drop of the lr", "open_both"),
     "optim.plateau_patience": (1, None, "at least 1", ""),
+    "optim.distill_weight": (0.0, 1.0, "in [0, 1]", ""),
+    "optim.distill_temperature": (0.0, None, "above 0", "open_low"),
     "train.epochs": (1, None, "at least 1", ""),
     "train.batch_size": (1, None, "at least 1", ""),
     "train.eval_batch_size": (1, None, "at least 1", ""),
@@ -214,8 +220,7 @@ RANGES = {
     "augment.mixup_alpha": (0.0, None, "0 (off) or more", ""),
     "augment.cutmix_alpha": (0.0, None, "0 (off) or more", ""),
     "data.val_fraction": (0.0, 1.0, "in (0, 1)", "open_both"),
-    # FER-2013 faces are decoded to 48x48 grayscale and there are 7 classes: a model for anything else cannot
-    # be trained on them (model.crop_size trains on smaller crops; model.input_size resizes inside a timm model)
+    # FER-2013's faces are 48x48 grayscale in 7 classes: a model for anything else cannot be trained on them
     "model.img_size": (48, 48, "48, the size of FER-2013's faces (model.crop_size trains on smaller crops)", ""),
     "model.in_chans": (1, 1, "1: FER-2013's faces are grayscale", ""),
     "model.num_classes": (7, 7, "7, the FER-2013 classes", ""),

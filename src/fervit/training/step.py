@@ -36,6 +36,7 @@ from fervit.errors import FervitError
 from fervit.device import autocast
 from fervit.models.checkpoint import unwrap
 from fervit.training.parts import compile_checked, ema_decay, update_ema
+from fervit.training.teachers import Teachers, distillation_loss
 
 STEP_MODES = ("eager", "compile", "cuda_graph")
 
@@ -68,12 +69,14 @@ class TrainStep:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, cfg: RunConfig, *,
                  ema: torch.optim.swa_utils.AveragedModel | None = None, amp_dtype: torch.dtype | None = None,
                  loss_weights: torch.Tensor | None = None, mode: str = "eager", channels_last: bool = False,
-                 rank: int = 0, world: int = 1, compile_backend: str = "inductor", example: torch.Tensor | None = None):
+                 rank: int = 0, world: int = 1, compile_backend: str = "inductor", example: torch.Tensor | None = None,
+                 teachers: Teachers | None = None):
         if mode not in STEP_MODES:
             raise FervitError(f"step mode must be one of {', '.join(STEP_MODES)}, got '{mode}'")
         self.model, self.optimizer, self.scheduler, self.cfg = model, optimizer, scheduler, cfg
         self.ema, self.amp_dtype, self.loss_weights = ema, amp_dtype, loss_weights
         self.rank, self.world = rank, world
+        self.teachers = teachers
         self.device = next(model.parameters()).device
         self.channels_last = channels_last
         if channels_last:
@@ -113,6 +116,10 @@ class TrainStep:
         else:
             loss = shard_loss(logits, target, y_all, self.loss_weights, self.cfg.optim.label_smoothing)
             objective = loss * self.world  # DDP averages gradients over ranks; the shares must add up instead
+        if self.teachers is not None:
+            w, kd = self.cfg.optim.distill_weight, distillation_loss(
+                logits, self.teachers(x), self.cfg.optim.distill_temperature, len(y_all))
+            loss, objective = (1 - w) * loss + w * kd.detach(), (1 - w) * objective + w * kd * self.world
         correct = (logits.detach().argmax(-1) == y).sum()
         return loss.detach(), objective, correct
 

@@ -41,6 +41,7 @@ from fervit.training.parts import build_ema, build_optimizer, class_weights, may
 from fervit.training.recipe import check_config, check_continuable, data_fingerprint
 from fervit.training.signals import Preempted, StopNow, StopSignals
 from fervit.training.step import TrainStep
+from fervit.training.teachers import check_teachers, load_teachers
 from fervit.training.schedule import WarmupCosine, WarmupPlateau, apply_now, build_schedule
 from fervit.training.tensorboard import TensorBoardLog
 from fervit.training.watch import EpochBar, Figures, PlanCheck
@@ -193,6 +194,7 @@ def check_request(cfg: RunConfig, ctx: DistContext, run_dir, resume: bool) -> No
         if has_results(run_dir) and not has_checkpoint(run_dir):
             raise FervitError(f"{run_dir} has already finished (results.json is written) and has no last/ checkpoint "
                               "to train it further from; start a new run instead")
+    check_teachers(cfg)
     if cfg.train.tta == "ten_crop" and not cfg.model.takes_crops():  # now, not after training
         raise FervitError(f"train.tta=ten_crop needs a model trained on crops smaller than the {cfg.model.img_size}px "
                           "face (model.crop_size, e.g. 40); use train.tta=mirror for a model that takes the whole face")
@@ -255,11 +257,15 @@ def set_up(cfg: RunConfig, ctx: DistContext, data: FerData, splits: Splits, fing
     train_model = wrap_model(model, ctx)
     if cfg.train.step_mode == "auto":  # the whole model compiled (train.compile), the step around it eager
         train_model = maybe_compile(train_model, cfg.train.compile, device, example)
+    teachers = load_teachers(cfg, device, channels_last, amp_dtype)
+    if teachers is not None:
+        log(f"distilling from {len(teachers.models)} teacher(s) (optim.distill_weight {cfg.optim.distill_weight}, "
+            f"temperature {cfg.optim.distill_temperature}): {', '.join(cfg.optim.distill_from)}")
     # after the EMA is restored: the step reads its update count once
     step = TrainStep(train_model, optimizer, scheduler, cfg, ema=ema, amp_dtype=amp_dtype,
                      loss_weights=weights if cfg.optim.class_weights == "balanced" else None,
                      mode="eager" if cfg.train.step_mode == "auto" else cfg.train.step_mode,
-                     channels_last=channels_last, rank=ctx.rank, world=ctx.world_size)
+                     channels_last=channels_last, rank=ctx.rank, world=ctx.world_size, teachers=teachers)
     batches = EpochBatches(images, labels, train_idx, gen,
                            sample_weights=weights[train_labels] if cfg.optim.sampler == "balanced" else None)
     return Run(cfg, ctx, run_dir, data, splits, fingerprint, model, ema.module if ema is not None else model, step,
