@@ -137,6 +137,16 @@ def test_a_teacher_fed_other_faces_is_one_line(tmp_path, layout):
                               output=tmp_path / "runs"), quiet=True)
 
 
+def test_a_teacher_with_other_classes_is_one_line(tmp_path, layout):
+    weights = save_tiny_checkpoint(tmp_path / "teacher")
+    meta = json.loads(weights.with_suffix(".json").read_text())
+    meta["classes"] = meta["classes"][1:] + meta["classes"][:1]  # the same names in another order
+    weights.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(FervitError, match="in that order"):
+        train(tiny_run_config("train.epochs=1", f"optim.distill_from={weights}", root=layout,
+                              output=tmp_path / "runs"), quiet=True)
+
+
 @pytest.mark.parametrize("key, value", [("optim.distill_weight", "1.5"), ("optim.distill_temperature", "0")])
 def test_distillation_settings_out_of_range_are_refused(key, value):
     with pytest.raises(FervitError, match=key):

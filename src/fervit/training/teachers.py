@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fervit.config import RunConfig
+from fervit.data.dataset import CLASSES
 from fervit.device import autocast
 from fervit.errors import FervitError
 from fervit.model_file import find_checkpoint
@@ -59,9 +60,9 @@ def load_teachers(cfg: RunConfig, device: torch.device, channels_last: bool,
             raise FervitError(f"teacher '{path}' takes {teacher_side}px faces but this run trains on {side}px "
                               f"{'crops' if cfg.model.crop_size else 'faces'}; distil from teachers with the same "
                               "input (model.crop_size)")
-        if meta.model.num_classes != cfg.model.num_classes:
-            raise FervitError(f"teacher '{path}' has {meta.model.num_classes} classes, this run "
-                              f"{cfg.model.num_classes}")
+        if list(meta.classes) != list(CLASSES):  # the soft targets are read class by class
+            raise FervitError(f"teacher '{path}' predicts {', '.join(meta.classes)}; a fervit student learns "
+                              f"{', '.join(CLASSES)}, in that order")
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         models.append(model.requires_grad_(False))
