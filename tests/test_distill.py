@@ -39,7 +39,7 @@ def test_the_loss_is_the_weighted_sum_of_the_label_and_teacher_terms():
     logits = student(x)
     soft = F.softmax(teacher(x) / 2.0, -1)
     label_term = F.cross_entropy(logits, y, label_smoothing=0.1)
-    teacher_term = 4.0 * F.cross_entropy(logits / 2.0, soft)
+    teacher_term = 4.0 * F.kl_div(F.log_softmax(logits / 2.0, -1), soft, reduction="batchmean")
     torch.testing.assert_close(objective, 0.7 * label_term + 0.3 * teacher_term)
     torch.testing.assert_close(loss, objective.detach())
 
@@ -47,8 +47,11 @@ def test_the_loss_is_the_weighted_sum_of_the_label_and_teacher_terms():
 def test_the_teacher_term_pulls_the_student_towards_the_teacher_only():
     """Its gradient is the KL divergence's: zero where the student's softened prediction is the teacher's."""
     logits = torch.randn(5, 7, requires_grad=True)
-    distillation_loss(logits, F.softmax(logits.detach() / 2.0, -1), 2.0, 5).backward()
-    assert logits.grad.abs().max() < 1e-6
+    loss = distillation_loss(logits, F.softmax(logits.detach() / 2.0, -1), 2.0, 5)
+    loss.backward()
+    assert abs(loss.item()) < 1e-5 and logits.grad.abs().max() < 1e-6
+    other = distillation_loss(torch.randn(5, 7), F.softmax(logits.detach() / 2.0, -1), 2.0, 5)
+    assert other > 0.01
 
 
 def test_two_teachers_average_their_softened_probabilities():

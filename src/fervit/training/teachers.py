@@ -5,11 +5,10 @@ a single model distilled from it keeps much of that gain at one model's inferenc
 Each training batch, after augmentation and mixing, goes through every teacher too (no gradients, the
 student's precision and layout); their softened probabilities, averaged, are the target of a second term:
 
-    loss = (1 - w) * CE(student, labels) + w * T^2 * CE(softmax(student / T), mean_k softmax(teacher_k / T))
+    loss = (1 - w) * CE(student, labels) + w * T^2 * KL(mean_k softmax(teacher_k / T) || softmax(student / T))
 
 with w = `optim.distill_weight` and T = `optim.distill_temperature` (T^2 keeps the term's gradient on the
-labels' scale as T changes). The cross-entropy differs from the KL divergence by the teachers' entropy, a
-constant, so the gradient is the KL's. Teachers are read from their model files again on resume, so a run
+labels' scale as T changes). Teachers are read from their model files again on resume, so a run
 resumes exactly as long as those files are unchanged.
 """
 
@@ -70,7 +69,8 @@ def load_teachers(cfg: RunConfig, device: torch.device, channels_last: bool,
 
 
 def distillation_loss(logits: torch.Tensor, soft: torch.Tensor, temperature: float, count: int) -> torch.Tensor:
-    """T^2 * CE(softmax(logits / T), soft), summed over the batch and divided by `count` (the global batch
-    size: under DDP each rank's share adds up to the whole batch's mean)."""
-    per_image = F.cross_entropy(logits / temperature, soft, reduction="sum")
-    return per_image * temperature ** 2 / count
+    """T^2 * KL(soft || softmax(logits / T)), summed over the batch and divided by `count` (the global batch
+    size: under DDP each rank's share adds up to the whole batch's mean). Computed as the cross-entropy less
+    the teachers' entropy, so that the logged loss is 0 where the student agrees with its teachers."""
+    entropy = -(soft * soft.clamp_min(1e-12).log()).sum()
+    return (F.cross_entropy(logits / temperature, soft, reduction="sum") - entropy) * temperature ** 2 / count
