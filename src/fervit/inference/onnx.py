@@ -21,6 +21,7 @@ import torch
 
 from fervit.data.dataset import load_fer
 from fervit.data.images import normalize
+from fervit.data.tta import log_softmax
 from fervit.errors import FervitError
 from fervit.inference.onnx_runtime import META_KEY, OnnxClassifier, load_onnx, require
 from fervit.io import atomic_write
@@ -119,17 +120,12 @@ def check_parity(model: torch.nn.Module, onnx_classifier: OnnxClassifier, images
         t_logits.append(model(x).float().numpy())
         o_logits.append(onnx_classifier(x.numpy()))
     t, o = np.concatenate(t_logits), np.concatenate(o_logits)
-    pt, po = _softmax(t), _softmax(o)
+    pt, po = np.exp(log_softmax(t)), np.exp(log_softmax(o))
     return ParityReport(images=len(images), max_prob_diff=float(np.abs(pt - po).max()),
                         max_logit_diff=float(np.abs(t - o).max()),
                         torch_accuracy=float((t.argmax(1) == labels).mean()),
                         onnx_accuracy=float((o.argmax(1) == labels).mean()),
                         disagreements=int((t.argmax(1) != o.argmax(1)).sum()))
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike | None = None,
