@@ -181,8 +181,9 @@ def load_classifier(model: str | os.PathLike | None = None, backend: str = "auto
     path = resolve_model(model, runs_dir)
     model = model if model and str(model) != LAST else None  # how the error below names it
     is_onnx = path.suffix == ".onnx"
-    if backend == "auto" and not is_onnx and str(device) == "cpu" and shipped_onnx(path) is not None:
-        path, is_onnx = shipped_onnx(path), True
+    onnx_export = shipped_onnx(path) if backend == "auto" and not is_onnx and str(device) == "cpu" else None
+    if onnx_export is not None:
+        path, is_onnx = onnx_export, True
     if is_onnx and backend == "torch":
         raise FervitError(f"'{path}' is an ONNX file; use --backend onnx, or give the run folder for PyTorch")
     if backend == "onnx" and not is_onnx:
