@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fervit.config import resolve_data_root
+from fervit.data.location import resolve_data_root
 from fervit.data.dataset import CLASSES, class_index
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from fervit.config import resolve_data_root
+from fervit.data.location import resolve_data_root
 from fervit.errors import FervitError
 from fervit.evaluation.rerun import evaluate_checkpoint
 from fervit.inference.onnx import export_checkpoint

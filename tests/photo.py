@@ -33,7 +33,7 @@ def make_face_photo(data_root: Path, path: Path) -> Path:
 if __name__ == "__main__":
     import argparse
 
-    from fervit.config import resolve_data_root
+    from fervit.data.location import resolve_data_root
 
     ap = argparse.ArgumentParser(description="write the three-face demo photo")
     ap.add_argument("out", type=Path, help="where the JPEG goes")

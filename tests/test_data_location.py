@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import make_layout
 
-from fervit.config import fetch_folder, resolve_data_root
+from fervit.data.location import fetch_folder, resolve_data_root
 from fervit.errors import FervitError
 
 

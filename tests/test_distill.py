@@ -35,7 +35,7 @@ def test_the_loss_is_the_weighted_sum_of_the_label_and_teacher_terms():
     sched = torch.optim.lr_scheduler.LambdaLR(opt, build_schedule(cfg.optim, 10, 2))
     step = TrainStep(student, opt, sched, cfg, teachers=teachers)
     x, y = torch.randn(6, 1, 48, 48), torch.randint(0, 7, (6,))
-    loss, objective, _ = step._forward_loss(x, y, y, y)
+    loss, objective, _, _ = step._forward_loss(x, y, y, y)
     logits = student(x)
     soft = F.softmax(teacher(x) / 2.0, -1)
     label_term = F.cross_entropy(logits, y, label_smoothing=0.1)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from fervit.errors import FervitError
 
 @dataclass
 class DataConfig:
-    root: str = ""  # empty: $FERVIT_DATA, else the first of config.data_search_path() that exists
+    root: str = ""  # empty: $FERVIT_DATA, else the first of fervit.data.location.data_search_path() that exists
     # seed: 90/10 split of train/; fer2013: Training/PublicTest/PrivateTest
     protocol: Literal["seed", "fer2013"] = "seed"
     val_fraction: float = 0.1
@@ -113,6 +112,9 @@ class OptimConfig:
     distill_from: tuple[str, ...] = ()
     distill_weight: float = 0.5
     distill_temperature: float = 2.0
+    # progressive self-distillation (PS-KD): each training image's target mixes its label with the model's own
+    # prediction for it in the previous epoch, with a weight rising linearly from 0 to this; 0 disables
+    self_distill: float = 0.0
 
 
 @dataclass
@@ -200,6 +202,8 @@ RANGES = {
     "optim.plateau_patience": (1, None, "at least 1", ""),
     "optim.distill_weight": (0.0, 1.0, "in [0, 1]", ""),
     "optim.distill_temperature": (0.0, None, "above 0", "open_low"),
+    "optim.self_distill": (0.0, 1.0, "0 (off) or in (0, 1): the last epoch's weight of the model's own predictions",
+                           "open_high"),
     "train.epochs": (1, None, "at least 1", ""),
     "train.batch_size": (1, None, "at least 1", ""),
     "train.eval_batch_size": (1, None, "at least 1", ""),
@@ -358,43 +362,3 @@ def load_preset(name_or_path: str) -> RunConfig:
         return RunConfig.from_dict(json.loads(text))
     except json.JSONDecodeError as e:
         raise FervitError(f"preset '{name_or_path}' is not valid JSON: {e}") from None
-
-
-DATA_FOLDER = "emotion_detection_fer"
-
-
-def fetch_folder() -> Path:
-    """Where `fervit data fetch` puts the dataset by default: the user's data folder (platformdirs), so that every
-    command finds it from any working directory."""
-    import platformdirs
-
-    return Path(platformdirs.user_data_dir("fervit")) / DATA_FOLDER
-
-
-def data_search_path() -> list[Path]:
-    """The folders tried, in order, when neither --data (data.root) nor $FERVIT_DATA names the data: the README's
-    "Data" section states the same rule, and every command and script goes through `resolve_data_root`."""
-    return [Path("data") / DATA_FOLDER,  # inside the clone (where a user unpacks it)
-            Path("..") / "shared" / "data" / DATA_FOLDER,  # beside the clone, as the project's machines lay it out
-            fetch_folder()]
-
-
-def resolve_data_root(root: str) -> str:
-    """The data folder: `root` when given (--data, data.root), else $FERVIT_DATA, else the first folder of
-    `data_search_path()` that exists (as an absolute path, so a run's config.json still finds it from elsewhere);
-    a one-line error naming every place looked at when there is none."""
-    if root:
-        return root
-    env = os.environ.get("FERVIT_DATA", "")
-    if env:
-        if not Path(env).expanduser().exists():
-            raise FervitError(f"$FERVIT_DATA names '{env}', which does not exist; point it at the FER-2013 folder "
-                              "(or unset it to use the default places)")
-        return env
-    tried = data_search_path()
-    for path in tried:
-        if path.exists():
-            return str(path.absolute())
-    raise FervitError("no FER-2013 data found: no --data given, $FERVIT_DATA not set, and none of "
-                      + ", ".join(f"'{p.absolute()}'" for p in tried) + " exists; pass --data ROOT, set FERVIT_DATA, "
-                      "or download it with `fervit data fetch` (into the last of those)")

@@ -17,7 +17,8 @@ import time
 import warnings
 from pathlib import Path
 
-from fervit.config import RunConfig, apply_overrides, resolve_data_root
+from fervit.config import RunConfig, apply_overrides
+from fervit.data.location import resolve_data_root
 from fervit.errors import FervitError
 from fervit.run_folder import Trial, has_results, make_run_dir, read_results, write_trial
 from fervit.training.distributed import DistContext

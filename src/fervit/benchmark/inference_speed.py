@@ -175,7 +175,7 @@ def user_waits(models: list[str], data: str | None, threads: int, photo: Path, c
 
     from fastapi.testclient import TestClient
 
-    from fervit.config import resolve_data_root
+    from fervit.data.location import resolve_data_root
     from fervit.inference.predictor import Predictor, shipped_model
     from fervit.serve.app import create_app
 

@@ -105,7 +105,7 @@ def step_breakdown(step: TrainStep, images, labels, train_dev, gen, steps: int, 
         lap("data_augment")
         if step.mode_used == "cuda_graph":
             torch.compiler.cudagraph_mark_step_begin()
-        _, objective, _ = step.forward_loss(x, target, y, labels[idx])
+        _, objective, _, _ = step.forward_loss(x, target, y, labels[idx])
         lap("forward")
         step.backward(objective)
         lap("backward")

@@ -17,7 +17,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from fervit.errors import FervitError
 
 
-# the README's "Data" rule in a few words (fervit.config.resolve_data_root applies it)
+# the README's "Data" rule in a few words (fervit.data.location.resolve_data_root applies it)
 DATA_DEFAULT = "$FERVIT_DATA, else ./data/emotion_detection_fer, ../shared/data/emotion_detection_fer or where " \
                "`fervit data fetch` puts it, the first that exists"
 

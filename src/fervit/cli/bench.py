@@ -64,7 +64,7 @@ def run_bench(args) -> int:
     from fervit.benchmark.config import bench_config
     from fervit.benchmark.run import run_benchmark
     from fervit.benchmark.table import format_table
-    from fervit.config import resolve_data_root
+    from fervit.data.location import resolve_data_root
     from fervit.io import write_json
     from fervit.device import resolve_device
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fervit.cli import DATA_DEFAULT, add_data_args
-from fervit.config import fetch_folder
+from fervit.data.location import fetch_folder
 
 
 def add_parser(sub) -> None:
@@ -28,7 +28,7 @@ def run_fetch(args) -> int:
 
 
 def run_audit(args) -> int:
-    from fervit.config import resolve_data_root
+    from fervit.data.location import resolve_data_root
     from fervit.data.audit import audit, format_audit
     from fervit.data.dataset import load_fer
     from fervit.io import write_json

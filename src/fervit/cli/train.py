@@ -61,7 +61,8 @@ def config_from_args(args):
             raise FervitError("--resume continues a run with its own config; drop --preset")
         cfg = load_run_config(args.resume)
     else:
-        cfg = load_preset(args.preset or default_preset(args.device))
+        name = args.preset or default_preset(args.device)
+        cfg = load_preset(name)
     return apply_overrides(cfg, flag_overrides(args))
 
 

@@ -30,7 +30,7 @@ def fetch(dest: str | Path) -> str:
         if found is None or not found.is_dir():
             raise FervitError(f"the download in {src} has no {split}/ folder; {MANUAL}")
         shutil.copytree(found, dest / split, dirs_exist_ok=True)
-    from fervit.config import fetch_folder
+    from fervit.data.location import fetch_folder
 
     if dest.absolute() == fetch_folder().absolute():  # where every command looks: no --data needed
         return f"FER-2013 is in {dest}; every fervit command finds it there, e.g. fervit train --preset small"

@@ -6,7 +6,8 @@ import os
 import warnings
 from pathlib import Path
 
-from fervit.config import RunConfig, resolve_data_root
+from fervit.config import RunConfig
+from fervit.data.location import resolve_data_root
 from fervit.data.tta import tta_mode
 from fervit.data.dataset import load_fer
 from fervit.data.splits import make_splits

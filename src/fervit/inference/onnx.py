@@ -136,7 +136,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike |
 
     Raises `FervitError` when the check fails, and then leaves no .onnx file behind; `check_images=0` skips it.
     """
-    from fervit.config import resolve_data_root
+    from fervit.data.location import resolve_data_root
     from fervit.model_file import find_checkpoint
     from fervit.models.checkpoint import load_model
     from fervit.run_folder import read_config

@@ -206,9 +206,9 @@ class CheckpointWriter:
 
     def save(self, run_dir: Path, ctx: DistContext, cfg: RunConfig, *, model: nn.Module, ema: nn.Module | None,
              optimizer: torch.optim.Optimizer, scheduler, gen: torch.Generator, progress: dict,
-             fingerprint: str) -> None:
-        """Checkpoint the state after `progress['epoch']` epochs. Collective under DDP (RNG states are
-        gathered from every rank)."""
+             fingerprint: str, soft: torch.Tensor | None = None) -> None:
+        """Checkpoint the state after `progress['epoch']` epochs (`soft`: self-distillation's predictions).
+        Collective under DDP (RNG states are gathered from every rank)."""
         rng = rng_tensors(gen, ctx)
         if not ctx.is_main:
             return
@@ -225,6 +225,8 @@ class CheckpointWriter:
                 else:
                     plain_state.setdefault(str(idx), {})[key] = value
         tensors.update(rng)
+        if soft is not None:
+            tensors["soft"] = soft
         # a copy, not a view: training goes on updating these tensors in place while the thread writes
         tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
         meta = json.loads(json.dumps({
@@ -347,8 +349,9 @@ def _prefixed(tensors: dict, prefix: str) -> dict:
 
 
 def restore(state: ResumeState, *, model: nn.Module, ema: nn.Module | None, optimizer: torch.optim.Optimizer,
-            scheduler, run_dir: Path, ctx: DistContext) -> None:
-    """Load weights, EMA, optimiser and scheduler, and put the best model of that epoch back in place."""
+            scheduler, run_dir: Path, ctx: DistContext, soft: torch.Tensor | None = None) -> None:
+    """Load weights, EMA, optimiser, scheduler and `soft` (self-distillation's predictions), and put the best
+    model of that epoch back in place."""
     t = state.tensors
     try:
         unwrap(model).load_state_dict(_prefixed(t, "model/"))
@@ -371,7 +374,9 @@ def restore(state: ResumeState, *, model: nn.Module, ema: nn.Module | None, opti
             opt_state.setdefault(int(idx), {}).update(entry)
         optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
         scheduler.load_state_dict(state.meta["scheduler"])
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        if soft is not None:
+            soft.copy_(t["soft"])
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
         folder = run_dir / LAST_DIR
         raise FervitError(f"the checkpoint in {folder} is damaged: its optimiser or schedule state does not fit "
                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); delete {folder} to "

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
+from fervit.errors import FervitError
 from fervit.training.distributed import DistContext, all_reduce_sum
 
 
@@ -18,6 +20,35 @@ class EpochBatches:
     train_idx: torch.Tensor  # the indices an epoch draws from
     gen: torch.Generator  # shuffling and augmentation; on the training device
     sample_weights: torch.Tensor | None = None  # per training example, for a balanced draw
+    # self-distillation (optim.self_distill): each image's predicted probabilities when it was last trained on
+    # (its one-hot label before that), indexed like `images`, and this epoch's weight of them in the target
+    soft: torch.Tensor | None = None  # (N, classes) float32
+    soft_weight: float = 0.0
+
+
+def check_self_distill(cfg, world_size: int) -> None:
+    """One-line errors for self-distillation where it cannot work, before any data is read."""
+    if cfg.optim.self_distill > 0 and (cfg.augment.mixup_alpha > 0 or cfg.augment.cutmix_alpha > 0):
+        raise FervitError("optim.self_distill keeps one prediction per training image, which a mixed image is not; "
+                          "turn off augment.mixup_alpha and augment.cutmix_alpha, or optim.self_distill")
+    if cfg.optim.self_distill > 0 and world_size > 1:
+        raise FervitError("optim.self_distill trains in one process only (each rank sees only its slice of the "
+                          "predictions); run it without torchrun/srun")
+
+
+def first_soft_targets(labels: torch.Tensor, cfg, log) -> torch.Tensor | None:
+    """EpochBatches.soft before the first epoch (every image's one-hot label), or None without self-distillation."""
+    if cfg.optim.self_distill <= 0:
+        return None
+    log(f"self-distillation: targets mix in each image's prediction of the epoch before, weight 0 rising to "
+        f"{cfg.optim.self_distill} (optim.self_distill)")
+    return F.one_hot(labels, cfg.model.num_classes).float()
+
+
+def self_distill_weight(final: float, epoch: int, epochs: int) -> float:
+    """PS-KD's linear ramp (Kim et al., ICCV 2021): 0 in epoch 1, which has no predictions yet, `final` in the
+    last of `epochs`."""
+    return final * (epoch - 1) / max(epochs - 1, 1)
 
 
 def train_one_epoch(step, batches: EpochBatches, bar=None, ctx: DistContext | None = None) -> dict:
@@ -39,7 +70,13 @@ def train_one_epoch(step, batches: EpochBatches, bar=None, ctx: DistContext | No
     correct = torch.zeros((), device=device)
     for i, start in enumerate(range(0, n_used, bs)):
         idx = order[start:start + bs]
-        loss, batch_correct = step(batches.images[idx], batches.labels[idx], batches.gen)
+        y = batches.labels[idx]
+        target = None
+        if batches.soft is not None and batches.soft_weight > 0:
+            target = torch.lerp(F.one_hot(y, batches.soft.shape[1]).float(), batches.soft[idx], batches.soft_weight)
+        loss, batch_correct = step(batches.images[idx], y, batches.gen, target=target)
+        if batches.soft is not None:
+            batches.soft[idx] = step.logits.float().softmax(-1)
         loss_sum += loss * len(idx)
         correct += batch_correct
         if bar is not None:

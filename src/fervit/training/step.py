@@ -82,6 +82,8 @@ class TrainStep:
         if channels_last:
             model.to(memory_format=torch.channels_last)  # only 4-D tensors (the conv weights) change layout
         self.mixing = cfg.augment.mixup_alpha > 0 or cfg.augment.cutmix_alpha > 0
+        self.keep_logits = cfg.optim.self_distill > 0  # the epoch stores each image's prediction (self-distillation)
+        self.logits: torch.Tensor | None = None  # the last batch's, detached, when keep_logits
         self.mode, self.mode_used = mode, "eager"
         self.forward_loss: Callable = self._forward_loss
         self.ema_updates = int(ema.n_averaged) if ema is not None else 0  # read once: the EMA never syncs after
@@ -92,10 +94,11 @@ class TrainStep:
             self._compile(mode, compile_backend, example)
 
     # --- the phases ------------------------------------------------------------------------------
-    def augment(self, images_u8: torch.Tensor, y: torch.Tensor, gen: torch.Generator):
-        """Augmented images, targets (labels or soft targets) and this rank's hard labels."""
+    def augment(self, images_u8: torch.Tensor, y: torch.Tensor, gen: torch.Generator,
+                target: torch.Tensor | None = None):
+        """Augmented images, targets (labels, or the soft `target` given, or mixed ones) and this rank's hard labels."""
         x = augment_batch(images_u8, self.cfg.augment, gen, self.cfg.model.crop_size)  # (B, 1, S, S) float32
-        target = y
+        target = y if target is None else target
         if self.mixing:
             x, target = mix_batch(x, y, self.cfg.augment, self.cfg.model.num_classes, gen)
         if self.world > 1:
@@ -105,7 +108,8 @@ class TrainStep:
         return x, target, y
 
     def _forward_loss(self, x: torch.Tensor, target: torch.Tensor, y: torch.Tensor, y_all: torch.Tensor):
-        """(loss, objective, correct): the batch loss, what backward differentiates, the correct count."""
+        """(loss, objective, correct, logits): the batch loss, what backward differentiates, the correct count
+        and the detached logits."""
         with autocast(self.device, self.amp_dtype):
             logits = self.model(x)
         logits = logits.float()
@@ -121,7 +125,7 @@ class TrainStep:
                 logits, self.teachers(x), self.cfg.optim.distill_temperature, len(y_all))
             loss, objective = (1 - w) * loss + w * kd.detach(), (1 - w) * objective + w * kd * self.world
         correct = (logits.detach().argmax(-1) == y).sum()
-        return loss.detach(), objective, correct
+        return loss.detach(), objective, correct, logits.detach()
 
     def backward(self, objective: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -136,25 +140,28 @@ class TrainStep:
         if self.ema is not None:
             self._ema_update()
 
-    def __call__(self, images_u8: torch.Tensor, y: torch.Tensor, gen: torch.Generator):
-        return self.run_phases(images_u8, y, gen)
+    def __call__(self, images_u8: torch.Tensor, y: torch.Tensor, gen: torch.Generator,
+                 target: torch.Tensor | None = None):
+        return self.run_phases(images_u8, y, gen, target=target)
 
     def run_phases(self, images_u8: torch.Tensor, y: torch.Tensor, gen: torch.Generator,
-                   phase: Callable[[str], AbstractContextManager] = no_range):
-        """The step, each phase inside `phase(name)` (a profiler can time them there)."""
+                   phase: Callable[[str], AbstractContextManager] = no_range, target: torch.Tensor | None = None):
+        """The step, each phase inside `phase(name)` (a profiler can time them there). `target`: soft targets
+        (B, classes) to train on instead of the labels `y`."""
         with phase("step.data_augment"):
             y_all = y
-            x, target, y = self.augment(images_u8, y, gen)
+            x, target, y = self.augment(images_u8, y, gen, target)
         if self.mode_used == "cuda_graph":
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be reused now
         with phase("step.forward"):
-            loss, objective, correct = self.forward_loss(x, target, y, y_all)
+            loss, objective, correct, logits = self.forward_loss(x, target, y, y_all)
         with phase("step.backward"):
             self.backward(objective)
         with phase("step.optimizer"):
             self.update()
         if self.mode_used == "cuda_graph":  # graph outputs live in a static pool that the next replay reuses
-            loss, correct = loss.clone(), correct.clone()
+            loss, correct, logits = loss.clone(), correct.clone(), logits.clone() if self.keep_logits else logits
+        self.logits = logits if self.keep_logits else None
         return loss, correct
 
     def _ema_update(self) -> None:
@@ -178,7 +185,7 @@ class TrainStep:
             for _ in range(3 if mode == "cuda_graph" else 1):
                 if mode == "cuda_graph":
                     torch.compiler.cudagraph_mark_step_begin()
-                _, objective, _ = compiled(example, y, y, y)
+                _, objective, _, _ = compiled(example, y, y, y)
                 objective.backward()
 
         kwargs = {"mode": "reduce-overhead"} if mode == "cuda_graph" else {}

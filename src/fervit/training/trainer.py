@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from fervit.config import RunConfig, resolve_data_root
+from fervit.config import RunConfig
 from fervit.data.dataset import CLASSES, FerData, load_fer
+from fervit.data.location import resolve_data_root
 from fervit.data.splits import Splits, make_splits
 from fervit.device import amp_choice, channels_last_choice, resolve_device
 from fervit.errors import FervitError
@@ -34,7 +35,8 @@ from fervit.training.checkpoint import (CheckpointWriter, ResumeState, has_check
                                         restore_rng)
 from fervit.training.distributed import (DistContext, any_rank, barrier, broadcast_value, close, init_distributed,
                                         wrap_model)
-from fervit.training.epoch import EpochBatches, train_one_epoch
+from fervit.training.epoch import (EpochBatches, check_self_distill, first_soft_targets, self_distill_weight,
+                                   train_one_epoch)
 from fervit.training.finish import finish
 from fervit.training.lock import RunLock
 from fervit.training.parts import build_ema, build_optimizer, class_weights, maybe_compile
@@ -157,7 +159,7 @@ def _train(cfg: RunConfig, quiet: bool, data: FerData | None, run_dir, resume: b
             state.elapsed_s = time.time() - t_start
             checkpoints.save(run.run_dir, ctx, cfg, model=run.model, ema=run.step.ema, optimizer=run.step.optimizer,
                              scheduler=run.step.scheduler, gen=run.batches.gen, progress=state.to_dict(),
-                             fingerprint=fingerprint)
+                             fingerprint=fingerprint, soft=run.batches.soft)
             if preempted:
                 checkpoints.wait()
                 tb.close()
@@ -195,6 +197,7 @@ def check_request(cfg: RunConfig, ctx: DistContext, run_dir, resume: bool) -> No
             raise FervitError(f"{run_dir} has already finished (results.json is written) and has no last/ checkpoint "
                               "to train it further from; start a new run instead")
     check_teachers(cfg)
+    check_self_distill(cfg, ctx.world_size)
     if cfg.train.tta == "ten_crop" and not cfg.model.takes_crops():  # now, not after training
         raise FervitError(f"train.tta=ten_crop needs a model trained on crops smaller than the {cfg.model.img_size}px "
                           "face (model.crop_size, e.g. 40); use train.tta=mirror for a model that takes the whole face")
@@ -238,6 +241,7 @@ def set_up(cfg: RunConfig, ctx: DistContext, data: FerData, splits: Splits, fing
     optimizer = build_optimizer(model, cfg, device)
     weights = class_weights(train_labels, cfg.model.num_classes)
     ema = build_ema(model, cfg)
+    soft = first_soft_targets(labels, cfg, log)
     schedule = build_schedule(cfg.optim, steps_per_epoch, cfg.train.epochs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     amp_dtype, amp_why = amp_choice(cfg.train.amp, device)
@@ -251,7 +255,8 @@ def set_up(cfg: RunConfig, ctx: DistContext, data: FerData, splits: Splits, fing
         f"{'on' if channels_last else 'off'} ({layout_why})"
         + (f" | {runtime['threads']} CPU threads (train.threads)" if device.type == "cpu" else ""))
     if saved is not None:
-        restore(saved, model=model, ema=ema, optimizer=optimizer, scheduler=scheduler, run_dir=run_dir, ctx=ctx)
+        restore(saved, model=model, ema=ema, optimizer=optimizer, scheduler=scheduler, run_dir=run_dir, ctx=ctx,
+                soft=soft)
     side = cfg.model.crop_size or cfg.model.img_size  # what training feeds the model
     example = torch.zeros(cfg.train.batch_size // ctx.world_size, cfg.model.in_chans, side, side, device=device)
     train_model = wrap_model(model, ctx)
@@ -267,7 +272,7 @@ def set_up(cfg: RunConfig, ctx: DistContext, data: FerData, splits: Splits, fing
                      mode="eager" if cfg.train.step_mode == "auto" else cfg.train.step_mode,
                      channels_last=channels_last, rank=ctx.rank, world=ctx.world_size, teachers=teachers)
     batches = EpochBatches(images, labels, train_idx, gen,
-                           sample_weights=weights[train_labels] if cfg.optim.sampler == "balanced" else None)
+                           sample_weights=weights[train_labels] if cfg.optim.sampler == "balanced" else None, soft=soft)
     return Run(cfg, ctx, run_dir, data, splits, fingerprint, model, ema.module if ema is not None else model, step,
                batches, schedule, steps_per_epoch, val_idx, n_params, log, quiet, runtime)
 
@@ -324,6 +329,7 @@ def run_epoch(run: Run, state: TrainState, tb: TensorBoardLog, watch: Figures | 
         if state.epoch == 1 and ctx.is_main else None
     scheduler = step.scheduler
     first_step = scheduler.last_epoch
+    batches.soft_weight = self_distill_weight(cfg.optim.self_distill, state.epoch, state.epochs)
     with EpochBar(len(batches.train_idx), f"epoch {state.epoch}/{state.epochs}", run.quiet or not ctx.is_main,
                   plan) as bar:
         lr = step.optimizer.param_groups[0]["lr"]
