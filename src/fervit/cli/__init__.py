@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import pkgutil
 import sys
 import warnings
 
-# idle OpenMP threads sleep instead of spinning: on a shared or small CPU, spinning threads
-# made training and augmentation several times slower (BENCHMARKS.md); must precede importing torch
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from fervit import omp  # no torch
+
+omp.choose(sys.argv[1:])  # before anything imports torch: a training run on an idle machine spins, all else sleeps
 
 from fervit.errors import FervitError
 

@@ -46,8 +46,8 @@ def check_teachers(cfg: RunConfig) -> None:
 
 
 def load_teachers(cfg: RunConfig, device: torch.device, channels_last: bool,
-                  amp_dtype: torch.dtype | None) -> Teachers | None:
-    """The run's teachers in eval mode on `device`, or None without `optim.distill_from`."""
+                  amp_dtype: torch.dtype | None, log=lambda *a: None) -> Teachers | None:
+    """The run's teachers in eval mode on `device` (`log` names them), or None without `optim.distill_from`."""
     if not cfg.optim.distill_from:
         return None
     side = cfg.model.crop_size or cfg.model.img_size  # what the student is fed, so what the teachers get
@@ -65,6 +65,8 @@ def load_teachers(cfg: RunConfig, device: torch.device, channels_last: bool,
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         models.append(model.requires_grad_(False))
+    log(f"distilling from {len(models)} teacher(s) (optim.distill_weight {cfg.optim.distill_weight}, "
+        f"temperature {cfg.optim.distill_temperature}): {', '.join(cfg.optim.distill_from)}")
     return Teachers(models, cfg.optim.distill_temperature, amp_dtype)
 
 

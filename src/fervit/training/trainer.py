@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from fervit import omp
 from fervit.config import RunConfig
 from fervit.data.dataset import CLASSES, FerData, load_fer
 from fervit.data.location import resolve_data_root
@@ -250,10 +251,10 @@ def set_up(cfg: RunConfig, ctx: DistContext, data: FerData, splits: Splits, fing
         ema.module.to(memory_format=torch.channels_last)  # the live model is converted by the TrainStep
     runtime = {"amp": "bf16" if amp_dtype else "off", "amp_why": amp_why,
                "channels_last": channels_last, "channels_last_why": layout_why,
-               "threads": torch.get_num_threads() if device.type == "cpu" else None}
+               "threads": torch.get_num_threads() if device.type == "cpu" else None, "omp_wait": omp.describe()}
+    cpu = f" | {runtime['threads']} CPU threads (train.threads), OpenMP {runtime['omp_wait']}"
     log(f"precision {'bf16 autocast' if amp_dtype else 'fp32'} ({amp_why}) | channels_last "
-        f"{'on' if channels_last else 'off'} ({layout_why})"
-        + (f" | {runtime['threads']} CPU threads (train.threads)" if device.type == "cpu" else ""))
+        f"{'on' if channels_last else 'off'} ({layout_why})" + (cpu if device.type == "cpu" else ""))
     if saved is not None:
         restore(saved, model=model, ema=ema, optimizer=optimizer, scheduler=scheduler, run_dir=run_dir, ctx=ctx,
                 soft=soft)
@@ -262,10 +263,7 @@ def set_up(cfg: RunConfig, ctx: DistContext, data: FerData, splits: Splits, fing
     train_model = wrap_model(model, ctx)
     if cfg.train.step_mode == "auto":  # the whole model compiled (train.compile), the step around it eager
         train_model = maybe_compile(train_model, cfg.train.compile, device, example)
-    teachers = load_teachers(cfg, device, channels_last, amp_dtype)
-    if teachers is not None:
-        log(f"distilling from {len(teachers.models)} teacher(s) (optim.distill_weight {cfg.optim.distill_weight}, "
-            f"temperature {cfg.optim.distill_temperature}): {', '.join(cfg.optim.distill_from)}")
+    teachers = load_teachers(cfg, device, channels_last, amp_dtype, log)
     # after the EMA is restored: the step reads its update count once
     step = TrainStep(train_model, optimizer, scheduler, cfg, ema=ema, amp_dtype=amp_dtype,
                      loss_weights=weights if cfg.optim.class_weights == "balanced" else None,
