@@ -54,3 +54,9 @@ def test_a_run_records_the_policy_it_trained_under(tmp_path):
     run = train(tiny_run_config("train.epochs=1", "train.batch_size=16", root=layout, output=tmp_path), quiet=True)
     runtime = json.loads((run / "results.json").read_text())["runtime"]
     assert runtime["omp_wait"] == omp.describe() and runtime["omp_wait"]
+
+
+def test_the_wait_policy_bench_times_a_real_training_step():
+    from fervit.benchmark.wait_policy import SETTINGS, images_s
+
+    assert {"PASSIVE", "ACTIVE"} <= set(SETTINGS) and images_s("tiny", 1, 2) > 0

@@ -14,10 +14,11 @@ class PhasedTrainStep(TrainStep):
 
     profile_phases = False
 
-    def __call__(self, images_u8: torch.Tensor, y: torch.Tensor, gen: torch.Generator):
+    def __call__(self, images_u8: torch.Tensor, y: torch.Tensor, gen: torch.Generator,
+                 target: torch.Tensor | None = None):
         if not self.profile_phases:
-            return self.run_phases(images_u8, y, gen)
-        return self.run_phases(images_u8, y, gen, phase=torch.profiler.record_function)
+            return self.run_phases(images_u8, y, gen, target=target)
+        return self.run_phases(images_u8, y, gen, phase=torch.profiler.record_function, target=target)
 
 
 def optimizer_step(objective: torch.Tensor, model: nn.Module, optimizer, scheduler, grad_clip: float) -> None:
