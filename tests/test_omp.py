@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import make_layout
@@ -15,23 +16,25 @@ from fervit import omp
 from fervit.training.trainer import train
 
 
-@pytest.mark.parametrize("args, load, policy", [
+@pytest.mark.parametrize("args, busy, policy", [
     (["train", "--preset", "cpu_fast"], 0.1, "ACTIVE"),  # one run, idle machine: spin
     (["train", "--preset", "cpu_fast"], 1.3, "PASSIVE"),  # other work is running
     (["train", "--jobs", "plan.json"], 0.0, "PASSIVE"),  # several runs share the cores
     (["train", "--seeds=0,1,2"], 0.0, "PASSIVE"),
     (["predict", "face.png"], 0.0, "PASSIVE"),  # not training
     ([], 0.0, "PASSIVE"),
+    (["train"], None, "PASSIVE"),  # the load cannot be read
 ])
-def test_only_a_single_training_run_on_an_idle_machine_spins(args, load, policy):
-    chosen, why = omp.wait_policy(args, load)
+def test_only_a_single_training_run_on_an_idle_machine_spins(args, busy, policy):
+    chosen, why = omp.wait_policy(args, busy)
     assert chosen == policy and why
 
 
-def fervit_cli_policy(argv: list[str], load: float, env: dict) -> list[str]:
-    """OMP_WAIT_POLICY and omp.describe() after importing the CLI in a fresh process with this argv and load."""
-    code = (f"import os, sys; os.getloadavg = lambda: ({load}, 0.0, 0.0); sys.argv = {argv!r}; import fervit.cli; "
-            "from fervit import omp; print(os.environ['OMP_WAIT_POLICY']); print(omp.describe())")
+def fervit_cli_policy(argv: list[str], busy: float, env: dict) -> list[str]:
+    """OMP_WAIT_POLICY and omp.describe() after importing the CLI in a fresh process with this argv, while other
+    work uses `busy` cores."""
+    code = (f"import os, sys; from fervit import omp; omp.busy_cores = lambda: {busy}; sys.argv = {argv!r}; "
+            "import fervit.cli; print(os.environ['OMP_WAIT_POLICY']); print(omp.describe())")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return out.stdout.splitlines()
 
@@ -39,7 +42,7 @@ def fervit_cli_policy(argv: list[str], load: float, env: dict) -> list[str]:
 def test_the_cli_sets_it_before_torch_loads_and_says_why():
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     policy, described = fervit_cli_policy(["fervit", "train"], 0.2, env)
-    assert policy == "ACTIVE" and described == "ACTIVE (load average 0.2 at the start: the machine is idle)"
+    assert policy == "ACTIVE" and described == "ACTIVE (0.2 cores busy at the start: the machine is idle)"
     policy, described = fervit_cli_policy(["fervit", "train"], 2.0, env)
     assert policy == "PASSIVE" and "other work is running" in described
 
@@ -47,6 +50,18 @@ def test_the_cli_sets_it_before_torch_loads_and_says_why():
 def test_a_policy_set_in_the_environment_is_kept():
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     assert fervit_cli_policy(["fervit", "train"], 0.0, env) == ["PASSIVE", "PASSIVE (set in the environment)"]
+
+
+def test_busy_cores_sees_a_busy_process_beside_it():
+    idle = omp.busy_cores()
+    loop = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        busy = omp.busy_cores(0.5)
+    finally:
+        loop.kill()
+        loop.wait()
+    assert idle is not None and busy is not None and busy >= 0.7 and busy > idle - 0.5
 
 
 def test_a_run_records_the_policy_it_trained_under(tmp_path):
