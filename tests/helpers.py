@@ -38,3 +38,22 @@ def tiny_run_config(*overrides: str, root: Path | None = None, output: Path | No
     if output is not None:
         where.append(f"train.output={output}")
     return apply_overrides(load_preset("tiny"), ["train.device=cpu", "train.threads=1", *where, *overrides])
+
+
+def signal_at_step(monkeypatch, step_no: int) -> None:
+    """Raise SIGUSR1 inside training step `step_no` (counted from 1), as a preemption would, through the step's
+    augmentation; `monkeypatch.undo()` takes it away again."""
+    import signal
+
+    import fervit.training.step as step_module
+
+    calls = {"n": 0}
+    augment = step_module.augment_batch
+
+    def augment_and_signal(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == step_no:
+            signal.raise_signal(signal.SIGUSR1)
+        return augment(*args, **kwargs)
+
+    monkeypatch.setattr(step_module, "augment_batch", augment_and_signal)

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_layout
-from helpers import tiny_model, tiny_run_config
+from helpers import signal_at_step, tiny_model, tiny_run_config
 
-import fervit.training.step as step_module
 from fervit.cli import main
 from fervit.config import apply_overrides, load_preset
 from fervit.errors import FervitError
@@ -86,16 +84,7 @@ def test_the_run_keeps_a_prediction_per_trained_image_and_epoch_one_is_a_plain_e
 
 @pytest.mark.slow
 def test_a_self_distilled_run_resumes_exactly(layout, reference, monkeypatch, tmp_path):
-    calls = {"n": 0}
-    augment = step_module.augment_batch
-
-    def augment_and_signal(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2 * (35 // 16) + 2:  # the second step of epoch 3
-            signal.raise_signal(signal.SIGUSR1)
-        return augment(*args, **kwargs)
-
-    monkeypatch.setattr(step_module, "augment_batch", augment_and_signal)
+    signal_at_step(monkeypatch, 2 * (35 // 16) + 2)  # the second step of epoch 3
     with pytest.raises(Preempted) as stop:
         train(self_distill_config(layout, tmp_path), quiet=True)
     monkeypatch.undo()
