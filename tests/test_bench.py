@@ -26,7 +26,7 @@ MODEL_KEYS = {"params", "batch_size", "compiled", "forward_gflops_per_image", "t
               "usual", "usual_few", "train_ratio", "train_ratio_few", "eval_ratio", "breakdown"}
 TOP_KEYS = {"command", "date_utc", "machine", "settings", "dataset", "data_path", "data_path_ratio",
             "data_path_ratio_few", "kornia_ratio", "bf16_peak_tflops", "peak_mem_kind", "models", "step_model",
-            "step_modes", "fused_attention", "concurrency", "table", "cpu_peak", "threads_under_load"}
+            "step_modes", "fused_attention", "concurrency", "table", "cpu_peak", "threads_under_load", "as_run"}
 PHASES = {"data_augment", "forward", "backward", "optimizer"}
 
 # fixtures that take over 5 s to build: conftest marks every test that needs one slow
@@ -137,6 +137,41 @@ def test_a_cpu_bench_times_training_threads_idle_and_beside_a_busy_process(quick
                                                                     for b in (0, 1)}
     assert all(positive(r["train_images_s"]) for r in rows)
     assert "training threads beside other work" in d["table"]
+
+
+def test_a_cpu_bench_times_each_pipeline_in_a_fresh_process_under_its_own_wait_policy(quick_bench):
+    d, _ = quick_bench
+    rows = d["as_run"]["tiny"]  # the step model: both pipelines
+    assert positive(rows["fervit"]["train_images_s"]) and positive(rows["usual"]["train_images_s"])
+    assert rows["ratio"] == pytest.approx(rows["fervit"]["train_images_s"] / rows["usual"]["train_images_s"])
+    assert rows["usual"]["omp_wait"].startswith("OpenMP's default") or "environment" in rows["usual"]["omp_wait"]
+    assert rows["fervit"]["peak_fraction"] == pytest.approx(rows["fervit"]["tflops"] / d["bf16_peak_tflops"])
+    assert "training as each pipeline runs" in d["table"]
+
+
+def test_the_fresh_usual_process_does_not_inherit_the_wait_policy_fervit_chose(monkeypatch):
+    from fervit import omp
+    from fervit.benchmark import as_run
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.setattr(omp, "_chosen", ("PASSIVE", "not a training run"))  # what `fervit bench` itself got
+    monkeypatch.setattr(omp, "busy_cores", lambda: 0.0)
+    envs = as_run.environments()
+    assert "OMP_WAIT_POLICY" not in envs["usual"][0] and envs["usual"][1].startswith("OpenMP's default")
+    assert envs["fervit"][0]["OMP_WAIT_POLICY"] == "ACTIVE" and "fervit train" in envs["fervit"][1]
+    monkeypatch.setattr(omp, "busy_cores", lambda: 1.0)  # other work running: fervit train would sleep
+    assert as_run.environments()["fervit"][0]["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
+def test_a_wait_policy_the_user_set_holds_for_both_fresh_processes(monkeypatch):
+    from fervit import omp
+    from fervit.benchmark import as_run
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    monkeypatch.setattr(omp, "_chosen", None)  # the user's, not fervit's
+    envs = as_run.environments()
+    assert envs["usual"][0]["OMP_WAIT_POLICY"] == envs["fervit"][0]["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert "set in the environment" in envs["usual"][1] and "set in the environment" in envs["fervit"][1]
 
 
 def test_concurrency_rows_give_the_aggregate_throughput_of_models_trained_at_once(quick_bench):

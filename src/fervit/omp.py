@@ -64,6 +64,12 @@ def choose(args: list[str]) -> None:
     _chosen = (policy, why)
 
 
+def set_by_fervit(name: str) -> bool:
+    """Whether `choose` set the environment variable `name` (not the user), so a child meant to run as a user's
+    own script would run should not inherit it."""
+    return name == "OMP_WAIT_POLICY" and _chosen is not None and os.environ.get(name) == _chosen[0]
+
+
 def describe() -> str:
     """The policy this process runs under, and why, for the run's log and config."""
     policy = os.environ.get("OMP_WAIT_POLICY", "")

@@ -6,13 +6,12 @@ import copy
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from fervit.benchmark.config import BenchConfig
 from fervit.benchmark.harness import PhasedTrainStep as TrainStep
-from fervit.benchmark.harness import optimizer_step
 from fervit.benchmark.measure import (best_seconds, flops_per_image, median_ms, reset_peak_memory, train_row)
-from fervit.benchmark.pipelines import ImageFiles, UsualBatches, usual_train_transform
+from fervit.benchmark.pipelines import (ImageFiles, UsualBatches, usual_cpu_parts, usual_train_transform,
+                                        usual_training)
 from fervit.benchmark.step_modes import step_breakdown
 from fervit.config import RunConfig
 from fervit.data.images import normalize
@@ -68,10 +67,8 @@ def bench_model(name: str, preset: RunConfig, cfg: BenchConfig, device, images, 
     usual_amp, usual_model, usual_train = amp, model, train_model
     usual_optimizer, usual_scheduler = optimizer, scheduler
     if device.type == "cpu":
-        usual_amp, usual_model = None, build_model(preset.model).to(device)
-        usual_train = usual_model
-        usual_optimizer = torch.optim.AdamW(usual_model.parameters(), lr=preset.optim.lr)  # a user's default AdamW
-        usual_scheduler = torch.optim.lr_scheduler.LambdaLR(usual_optimizer, lambda step: 1.0)
+        usual_model, usual_optimizer, usual_scheduler = usual_cpu_parts(preset, device)
+        usual_amp, usual_train = None, usual_model
     usual_rows = {}
     for key, n_workers in (("usual", workers), ("usual_few", few)):
         if key == "usual_few" and n_workers == workers:  # the same measurement again: keep the first one
@@ -81,19 +78,8 @@ def bench_model(name: str, preset: RunConfig, cfg: BenchConfig, device, images, 
             stage(f"{name}: training, usual pipeline ({what}, {n_workers} workers)")
         reset_peak_memory(device)
         with UsualBatches(train_files, bs, n_workers, device, train=True) as usual:
-            running = {"loss": 0.0, "correct": 0}
-
-            def usual_steps(k: int) -> None:
-                usual_train.train()
-                for x, y in usual.batches(k):
-                    with autocast(device, usual_amp):
-                        logits = usual_train(x)
-                    loss = F.cross_entropy(logits.float(), y, label_smoothing=preset.optim.label_smoothing)
-                    optimizer_step(loss, usual_model, usual_optimizer, usual_scheduler, preset.optim.grad_clip)
-                    # the usual loop keeps its running metrics as Python numbers: a host sync every step
-                    running["loss"] += loss.item() * len(y)
-                    running["correct"] += int((logits.argmax(-1) == y).sum().item())
-
+            usual_steps = usual_training(usual, usual_train, usual_model, usual_optimizer, usual_scheduler, preset,
+                                         usual_amp)
             if warmup:
                 usual_steps(warmup)
             usual_rows[key] = train_row(bs * steps / best_seconds(lambda: usual_steps(steps), cfg.repeats, device),

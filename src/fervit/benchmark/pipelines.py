@@ -13,11 +13,14 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from fervit.config import AugmentConfig
+from fervit.benchmark.harness import optimizer_step
+from fervit.config import AugmentConfig, RunConfig
 from fervit.data.images import MEAN, STD
+from fervit.device import autocast
 from fervit.errors import FervitError
 
 BENCH_EXTRA_HINT = "install the benchmark's extras with: pip install 'fervit[bench]'"
@@ -173,3 +176,31 @@ class UsualBatches:
         self._stream = None
         for batch in self.loader:
             yield self._to_device(batch)
+
+
+def usual_cpu_parts(preset: RunConfig, device: torch.device):
+    """The usual script's own model on a CPU: fp32 NCHW, a user's default AdamW, a constant schedule."""
+    from fervit.models import build_model
+
+    model = build_model(preset.model).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=preset.optim.lr)
+    return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+def usual_training(usual: UsualBatches, train_model: nn.Module, model: nn.Module, optimizer, scheduler,
+                   preset: RunConfig, amp_dtype):
+    """The usual training loop over `usual`'s batches: `steps(k)` trains k steps."""
+    running = {"loss": 0.0, "correct": 0}
+
+    def steps(k: int) -> None:
+        train_model.train()
+        for x, y in usual.batches(k):
+            with autocast(usual.device, amp_dtype):
+                logits = train_model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=preset.optim.label_smoothing)
+            optimizer_step(loss, model, optimizer, scheduler, preset.optim.grad_clip)
+            # the usual loop keeps its running metrics as Python numbers: a host sync every step
+            running["loss"] += loss.item() * len(y)
+            running["correct"] += int((logits.argmax(-1) == y).sum().item())
+
+    return steps

@@ -67,7 +67,7 @@ def run_benchmark(root: str | Path, cfg: BenchConfig, device: torch.device, cach
     `on_partial(result)` gets the result so far after each section (the CLI writes it to --json), so that a
     run stopped by a time limit still leaves what it measured.
     """
-    stages = Stages(2 + 6 * len(cfg.models) + 1 + (1 if cfg.concurrency else 0) + (2 if device.type == "cpu" else 0),
+    stages = Stages(2 + 6 * len(cfg.models) + 1 + (1 if cfg.concurrency else 0) + (3 if device.type == "cpu" else 0),
                     progress)
     if not Path(root).exists():
         raise FervitError(f"data root '{root}' does not exist; {LAYOUT_HINT}")
@@ -186,6 +186,22 @@ def run_benchmark(root: str | Path, cfg: BenchConfig, device: torch.device, cach
         if "images_s" in row:
             add_tflops(row, gflops, peak, key="images_s")
     partial()
+
+    if device.type == "cpu":  # each pipeline as it really runs: its own process, its own OpenMP wait policy
+        from fervit.benchmark.as_run import as_run_rows
+
+        steps = min(cfg.train_steps or len(train_dev) // cfg.batch_size, len(train_dev) // cfg.batch_size)
+        stages.next(f"training in fresh processes, under the wait policy each runs with: fervit for "
+                    f"{', '.join(cfg.models)}, the usual pipeline for {step_model} ({steps} steps of {cfg.batch_size})")
+        result["as_run"] = {
+            name: as_run_rows(str(root), name, cfg.batch_size, steps, cfg.warmup_steps, cfg.repeats, workers,
+                              torch.get_num_threads(), cache_dir,
+                              pipelines=("fervit", "usual") if name == step_model else ("fervit",))
+            for name in dict.fromkeys((*cfg.models, step_model))}
+        for name, rows in result["as_run"].items():
+            for row in (r for r in rows.values() if isinstance(r, dict)):
+                add_tflops(row, models[name]["train_gflops_per_image"] if name in models else gflops, peak)
+        partial()
 
     if device.type == "cpu":  # how many threads to train with when other work shares the machine
         from fervit.benchmark.threads import threads_under_load

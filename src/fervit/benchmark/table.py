@@ -65,8 +65,26 @@ def format_table(result: dict) -> str:
     elif not peak:
         lines.append("bf16 peak: not known for this device")
     lines.append(f"peak memory: {result['peak_mem_kind']}")
-    lines += _breakdown_lines(result) + _step_mode_lines(result) + _concurrency_lines(result) + _thread_lines(result)
+    lines += _breakdown_lines(result) + _step_mode_lines(result) + _concurrency_lines(result) + _as_run_lines(result)
+    lines += _thread_lines(result)
     return "\n".join(lines)
+
+
+def _as_run_lines(result: dict) -> list[str]:
+    models = result.get("as_run", {})
+    if not models:
+        return []
+    lines = ["", "training as each pipeline runs: a fresh process each, under its own OpenMP wait policy",
+             f"{'model':<10} {'pipeline':<8} {'train img/s':>11} {'GFLOP/s':>8} {'of peak':>8}  threads wait"]
+    for name, rows in models.items():
+        for pipe in ("fervit", "usual"):
+            if pipe in rows:
+                r = rows[pipe]
+                lines.append(f"{name if pipe == 'fervit' else '':<10} {pipe:<8} {r['train_images_s']:>11,.1f} "
+                             f"{r['tflops'] * 1000:>8.0f} {_pct(r['peak_fraction']):>8}  {r['omp_wait']}")
+        if "ratio" in rows:
+            lines.append(f"{'':<10} {'fervit/usual':<13} {rows['ratio']:>6.2f}x")
+    return lines
 
 
 def _thread_lines(result: dict) -> list[str]:
