@@ -271,13 +271,22 @@ def test_the_time_budget_is_rechecked_after_every_epoch_and_a_slowdown_lowers_th
     from fervit.training.trainer import TrainState, fit_time_budget
 
     run, replans = budget_run(100.0)
-    state = TrainState(epochs=10, epoch=3, rows=[{"seconds": s} for s in (10.0, 10.0, 20.0)])
-    fit_time_budget(run, state, t_start=NOW - 55)  # 45 s left; the last epoch took 20 s: 2 more fit
-    assert state.epochs == 5 and replans == [50]
+    state = TrainState(epochs=10, epoch=4, rows=[{"seconds": s} for s in (10.0, 10.0, 20.0, 20.0)])
+    fit_time_budget(run, state, t_start=NOW - 60)  # 40 s left; the last epochs took 20 s: 2 more fit
+    assert state.epochs == 6 and replans == [60]
     fit_time_budget(run, state, t_start=NOW - 30)  # faster than planned: the plan is never raised
-    assert state.epochs == 5 and replans == [50]
+    assert state.epochs == 6 and replans == [60]
     fit_time_budget(run, state, t_start=NOW - 150)  # already past the budget: stop after this epoch
-    assert state.epochs == 3 and replans == [50, 30]
+    assert state.epochs == 4 and replans == [60, 40]
+
+
+def test_one_epoch_slowed_by_a_passing_job_does_not_cut_the_plan(frozen_clock):
+    from fervit.training.trainer import TrainState, fit_time_budget
+
+    run, replans = budget_run(300.0)
+    state = TrainState(epochs=20, epoch=10, rows=[{"seconds": 10.0}] * 9 + [{"seconds": 40.0}])
+    fit_time_budget(run, state, t_start=NOW - 130)  # 170 s left at about 13 s an epoch: the 10 left still fit
+    assert state.epochs == 20 and replans == []  # judged by the 40 s epoch alone, only 4 more would have fitted
 
 
 def test_a_run_extended_with_more_epochs_is_not_cut_back_by_its_old_time_budget(frozen_clock):

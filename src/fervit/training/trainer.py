@@ -10,6 +10,7 @@ The run folder is always finished, also after Ctrl-C.
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -377,12 +378,14 @@ def plan_next(run: Run, state: TrainState, row: dict, t_start: float, on_epoch) 
 def fit_time_budget(run: Run, state: TrainState, t_start: float) -> None:
     """Lower the planned epochs (and re-plan the cosine) when the epochs left would not fit train.time_budget_s.
 
-    Epoch 1 carries compilation, so an epoch costs the mean of those after it, or the last one when that was
-    slower. Checked after every epoch, not only the second: runs sharing a GPU slow down as their neighbours
-    finish compiling. It only ever lowers the plan; rank 0's clock decides for all.
+    Epoch 1 carries compilation, so an epoch costs the mean of those after it, or the median of the last three
+    when that is slower. Checked after every epoch, not only the second: runs sharing a GPU slow down as their
+    neighbours finish compiling, and the median sees that after two slow epochs, while one epoch slowed by a
+    passing job (a test file beside a CPU run) does not cut the plan for good. It only ever lowers the plan;
+    rank 0's clock decides for all.
     """
     later = [r["seconds"] for r in state.rows[1:]] or [state.rows[-1]["seconds"]]
-    per_epoch = max(sum(later) / len(later), later[-1])
+    per_epoch = max(sum(later) / len(later), statistics.median(later[-3:]))
     left = run.cfg.train.time_budget_s - (time.time() - t_start)
     fit = broadcast_value(state.epoch + max(int(left / max(per_epoch, 1e-3)), 0), run.ctx)
     if fit < state.epochs:
