@@ -379,10 +379,9 @@ def fit_time_budget(run: Run, state: TrainState, t_start: float) -> None:
     """Lower the planned epochs (and re-plan the cosine) when the epochs left would not fit train.time_budget_s.
 
     Epoch 1 carries compilation, so an epoch costs the mean of those after it, or the median of the last three
-    when that is slower. Checked after every epoch, not only the second: runs sharing a GPU slow down as their
-    neighbours finish compiling, and the median sees that after two slow epochs, while one epoch slowed by a
-    passing job (a test file beside a CPU run) does not cut the plan for good. It only ever lowers the plan;
-    rank 0's clock decides for all.
+    when slower: checked after every epoch, it sees a lasting slowdown (GPU neighbours that finish compiling)
+    after two slow epochs, and one epoch slowed by a passing job does not cut the plan for good. It only ever
+    lowers the plan; rank 0's clock decides for all.
     """
     later = [r["seconds"] for r in state.rows[1:]] or [state.rows[-1]["seconds"]]
     per_epoch = max(sum(later) / len(later), statistics.median(later[-3:]))
