@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--batch-size", type=int, help="training batch size for both pipelines (default 128)")
     p.add_argument("--steps", type=int, help="optimiser steps per training timing (default: one epoch on CUDA, "
-                                             "2 on CPU)")
+                                             "20 on CPU)")
     p.add_argument("--data-images", type=int, help="images per data-path timing (default: one epoch on CUDA)")
     p.add_argument("--eval-images", type=int, help="test images per evaluation timing (default: all on CUDA)")
     p.add_argument("--repeats", type=int, help="timings per figure; the best one counts (default 3; quick 2)")
