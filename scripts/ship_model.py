@@ -38,6 +38,28 @@ def pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def optimizer_name(o) -> str:
+    return "AdamW" if o.name == "adamw" else f"SGD (momentum {o.momentum:g}{', Nesterov' if o.nesterov else ''})"
+
+
+def soft_targets(cfg) -> str:
+    """The recipe's parts beyond the plain one, as the card's words: EMA, mixing, distillation."""
+    o, a = cfg.optim, cfg.augment
+    parts = []
+    if o.ema_decay:
+        parts.append(f"EMA of the weights (decay {o.ema_decay:g}{', warmed up' if o.ema_warmup else ''}), "
+                     "which is the model shipped")
+    if a.mixup_alpha or a.cutmix_alpha:
+        parts.append(f"mixup alpha {a.mixup_alpha:g} / CutMix alpha {a.cutmix_alpha:g} on {a.mix_p:g} of the batches")
+    if o.self_distill:
+        parts.append(f"self-distillation (`optim.self_distill={o.self_distill:g}`): each image's target mixes in the "
+                     f"model's own prediction of the epoch before, its weight rising from 0 to {o.self_distill:g}")
+    if o.distill_from:
+        parts.append(f"distilled from {', '.join(Path(p).name for p in o.distill_from)} "
+                     f"(weight {o.distill_weight:g}, temperature {o.distill_temperature:g})")
+    return "".join(f";\n  {p}" for p in parts)
+
+
 def card(run: Path, cfg, results: dict, val: dict, test: dict, rows: list[dict], size: int,
          provenance: str = "") -> str:
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
@@ -94,9 +116,9 @@ Per class on PrivateTest:
 ## Training
 - Reproduce: `fervit train --preset src/fervit/assets/train_config.json --data ROOT` (the run's own
   `config.json`, every setting). {budget}
-- AdamW lr {o.lr:g}, weight decay {o.weight_decay:g}, {o.warmup_epochs:g} warmup epoch(s), cosine to
+- {optimizer_name(o)} lr {o.lr:g}, weight decay {o.weight_decay:g}, {o.warmup_epochs:g} warmup epoch(s), cosine to
   {o.min_lr_ratio:g}x; label smoothing {o.label_smoothing:g}; batch {t.batch_size}; full training-split
-  augmentation (flip, rotation, translation, random resized crop, brightness/contrast, random erasing).
+  augmentation (flip, rotation, translation, random resized crop, brightness/contrast, random erasing){soft_targets(cfg)}.
 - Best epoch {best} of {len(rows)} on validation; {device}, torch {results.get('torch', '?')}.
 - File: `model.safetensors`, {size / 1024:.0f} KiB, fp16; `model.json` says how to rebuild it. `model.onnx`: the
   same model for ONNX Runtime (fp32, checked against PyTorch on 512 test faces), which `fervit predict` uses

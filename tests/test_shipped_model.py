@@ -39,19 +39,16 @@ def test_it_is_small_fp16_and_described(shipped):
     assert (shipped.parent / "confusion_matrix.png").stat().st_size > 10_000
 
 
-def test_it_classifies_real_private_test_faces_far_above_chance(shipped, real_data):
+def test_it_classifies_all_private_test_faces_better_than_the_model_it_replaced(shipped, real_data):
     data = load_fer(real_data, progress=False)
-    picks = []
-    for c in range(7):  # up to 60 PrivateTest faces of every class (disgusted has 55): chance is 1/7
-        picks += torch.nonzero((data.usage == 3) & (data.labels == c)).flatten()[:60].tolist()
+    idx = torch.nonzero(data.usage == 3).flatten()  # all 3,589 PrivateTest faces
     model, _ = load_model(shipped)
-    idx = torch.tensor(picks)
     with torch.no_grad():
-        preds = model(normalize(data.images[idx])).argmax(1)
+        preds = torch.cat([model(normalize(data.images[idx[i:i + 512]])).argmax(1) for i in range(0, len(idx), 512)])
     accuracy = (preds == data.labels[idx]).float().mean().item()
-    # the shipped model (vit_vgg's stem, cpu_cnn) scores 66.3% on these 415 faces; the one it replaced (the cpu
-    # preset, stem + 2 transformer blocks) 61.7%, which fails here
-    assert accuracy >= 0.64, f"{accuracy:.1%} on {len(idx)} class-balanced PrivateTest faces"
+    # the shipped model (cpu_cnn with self-distillation, cpu_sd) scores 69.3% here; the one it replaced (cpu_cnn,
+    # cpu_stem) 68.1%, which fails
+    assert accuracy >= 0.687, f"{accuracy:.1%} on {len(idx)} PrivateTest faces"
     assert len(set(preds.tolist())) == 7  # every class is predicted, "disgusted" included
 
 
