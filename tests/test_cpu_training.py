@@ -74,10 +74,12 @@ def test_old_configs_with_a_boolean_channels_last_still_load():
     assert RunConfig.from_dict({"train": {"channels_last": False}}).train.channels_last == "off"
 
 
-def test_the_cpu_optimiser_runs_foreach_not_the_per_parameter_loop():
+def test_the_cpu_optimiser_is_fused_not_the_per_parameter_loop():
     cfg = small_vgg_config()
     model = build_model(cfg.model)
-    assert build_optimizer(model, cfg, CPU).defaults["foreach"] is True
+    assert build_optimizer(model, cfg, CPU).defaults["fused"] is True
+    cfg.optim.name = "sgd"
+    assert build_optimizer(model, cfg, CPU).defaults["fused"] is True
 
 
 def one_step(cfg: RunConfig, amp, channels_last: bool, images, labels):

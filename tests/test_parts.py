@@ -33,3 +33,16 @@ def test_parameter_groups_exempt_biases_norms_and_the_models_declared_tokens():
     shapes = dict(model.named_parameters())
     assert all(shapes[n].ndim < 2 for n in exempt - {"encoder.cls_token", "encoder.pos_embed"})  # biases, norms
     assert "stem.0.weight" in decayed and all(p.ndim >= 2 for p in decay["params"])
+
+
+def test_a_restored_optimizer_state_takes_the_layout_of_channels_last_weights():
+    from fervit.training.parts import align_state_layout
+
+    conv = torch.nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(conv.parameters(), lr=1e-3, fused=True)
+    saved = torch.randn(8, 3, 3, 3)  # as a checkpoint gives it back: contiguous
+    optimizer.state[conv.weight] = {"exp_avg": saved.clone(), "step": torch.tensor(1.0)}
+    align_state_layout(optimizer)
+    state = optimizer.state[conv.weight]
+    assert state["exp_avg"].stride() == conv.weight.stride() != saved.stride()
+    assert torch.equal(state["exp_avg"], saved) and state["step"].item() == 1.0

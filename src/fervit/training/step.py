@@ -35,7 +35,7 @@ from fervit.data.augment import augment_batch, mix_batch
 from fervit.errors import FervitError
 from fervit.device import autocast
 from fervit.models.checkpoint import unwrap
-from fervit.training.parts import compile_checked, ema_decay, update_ema
+from fervit.training.parts import align_state_layout, compile_checked, ema_decay, update_ema
 from fervit.training.teachers import Teachers, distillation_loss
 
 STEP_MODES = ("eager", "compile", "cuda_graph")
@@ -81,6 +81,7 @@ class TrainStep:
         self.channels_last = channels_last
         if channels_last:
             model.to(memory_format=torch.channels_last)  # only 4-D tensors (the conv weights) change layout
+            align_state_layout(optimizer)  # a restored state is contiguous; the fused step needs the weights' layout
         self.mixing = cfg.augment.mixup_alpha > 0 or cfg.augment.cutmix_alpha > 0
         self.keep_logits = cfg.optim.self_distill > 0  # the epoch stores each image's prediction (self-distillation)
         self.logits: torch.Tensor | None = None  # the last batch's, detached, when keep_logits
