@@ -30,7 +30,7 @@ def check_self_distill(cfg, world_size: int) -> None:
     """One-line errors for self-distillation where it cannot work, before any data is read."""
     if cfg.optim.self_distill > 0 and (cfg.augment.mixup_alpha > 0 or cfg.augment.cutmix_alpha > 0):
         raise FervitError("optim.self_distill keeps one prediction per training image, which a mixed image is not; "
-                          "turn off augment.mixup_alpha and augment.cutmix_alpha, or optim.self_distill")
+                          "turn off augment.mixup_alpha and augment.cutmix_alpha, or set optim.self_distill=0")
     if cfg.optim.self_distill > 0 and world_size > 1:
         raise FervitError("optim.self_distill trains in one process only (each rank sees only its slice of the "
                           "predictions); run it without torchrun/srun")
