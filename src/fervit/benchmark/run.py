@@ -194,7 +194,7 @@ def run_benchmark(root: str | Path, cfg: BenchConfig, device: torch.device, cach
         stages.next(f"training in fresh processes, under the wait policy each runs with: fervit for "
                     f"{', '.join(cfg.models)}, the usual pipeline for {step_model} ({steps} steps of {cfg.batch_size})")
         result["as_run"] = {
-            name: as_run_rows(str(root), name, cfg.batch_size, steps, cfg.warmup_steps, cfg.repeats, workers,
+            name: as_run_rows(str(root), name, cfg.batch_size, steps, cfg.warmup_steps, 1 if cfg.quick else 3, workers,
                               torch.get_num_threads(), cache_dir,
                               pipelines=("fervit", "usual") if name == step_model else ("fervit",))
             for name in dict.fromkeys((*cfg.models, step_model))}
