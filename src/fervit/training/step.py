@@ -15,7 +15,7 @@ graph's input (copied into the static input buffer by the graph tree); every ran
 therefore drawn outside the graph, from the same stream, in the same order as the eager step. Dropout
 inside a compiled forward uses Inductor's own Philox RNG seeded from the default generator, which CUDA
 graph trees register with each graph: the masks follow the same distribution, not the eager masks.
-Clipping (foreach), the optimiser (fused AdamW on CUDA) and the EMA (foreach lerp) are a handful of
+Clipping (foreach), the optimiser (fused AdamW or SGD) and the EMA (foreach lerp) are a handful of
 multi-tensor launches and stay outside the graph; the EMA here never reads the device (AveragedModel's
 own `update_parameters` syncs twice per step to test `n_averaged`).
 """
