@@ -85,7 +85,9 @@ def main() -> int:
     plan = json.loads(Path(args.plan).read_text())
     plan["jobs"] = [resolve_job(job, args.pick_from) for job in plan["jobs"]]
     budget = args.budget or plan.get("budget", 420)
-    runs_root = Path("/tmp/gpu_runs")
+    # a new folder per command: a warm machine keeps /tmp between commands, and a plan run a second time into the
+    # same run folders would find them finished and refuse every job
+    runs_root = Path(tempfile.mkdtemp(prefix="fervit-runs-"))
     jobs, cmds = [], {}
     for job in plan["jobs"]:
         train_args = ["--preset", job["preset"], "--data", str(data), "--protocol", job.get("protocol", args.protocol),
