@@ -39,4 +39,9 @@ if __name__ == "__main__":
     ap.add_argument("out", type=Path, help="where the JPEG goes")
     ap.add_argument("--data", default="", help="FER-2013 root (default: as fervit resolves it)")
     args = ap.parse_args()
-    print(make_face_photo(Path(resolve_data_root(args.data)), args.out))
+    from fervit.errors import FervitError
+
+    try:
+        print(make_face_photo(Path(resolve_data_root(args.data)), args.out))
+    except FervitError as e:
+        raise SystemExit(f"photo.py: error: {e}") from None
