@@ -242,14 +242,14 @@ def test_time_budget_caps_the_epochs_after_the_second(real_slice, tmp_path):
     assert res["epochs_completed"] == 2 and res["epochs_planned"] == 2
 
 
-def budget_run(budget_s: float):
+def budget_run(budget_s: float, epochs: int = 10):
     """What fit_time_budget reads of a run: its config, process group, schedule (recording re-plans) and log."""
     from types import SimpleNamespace
 
     from fervit.training.distributed import DistContext
 
     replans = []
-    cfg = SimpleNamespace(train=SimpleNamespace(time_budget_s=budget_s))
+    cfg = SimpleNamespace(train=SimpleNamespace(time_budget_s=budget_s, epochs=epochs))
     run = SimpleNamespace(cfg=cfg, ctx=DistContext(), steps_per_epoch=10, log=lambda *a: None,
                           schedule=SimpleNamespace(replan=replans.append))
     return run, replans
@@ -264,29 +264,56 @@ def frozen_clock(monkeypatch):
 
     import fervit.training.trainer as trainer
 
+    import fervit.training.budget as budget
+
     monkeypatch.setattr(trainer, "time", SimpleNamespace(time=lambda: NOW))
+    monkeypatch.setattr(budget, "time", SimpleNamespace(time=lambda: NOW))
 
 
 def test_the_time_budget_is_rechecked_after_every_epoch_and_a_slowdown_lowers_the_plan_again(frozen_clock):
     from fervit.training.trainer import TrainState, fit_time_budget
 
     run, replans = budget_run(100.0)
-    state = TrainState(epochs=10, epoch=4, rows=[{"seconds": s} for s in (10.0, 10.0, 20.0, 20.0)])
-    fit_time_budget(run, state, t_start=NOW - 60)  # 40 s left; the last epochs took 20 s: 2 more fit
+    state = TrainState(epochs=10, epoch=5, rows=[{"seconds": s} for s in (10.0, 10.0, 10.0, 20.0, 20.0)])
+    fit_time_budget(run, state, t_start=NOW - 70)  # 30 s left; the last epochs took 20 s: 1 more fits
     assert state.epochs == 6 and replans == [60]
-    fit_time_budget(run, state, t_start=NOW - 30)  # faster than planned: the plan is never raised
+    fit_time_budget(run, state, t_start=NOW - 30)  # faster than planned: after epoch 4 the plan is never raised
     assert state.epochs == 6 and replans == [60]
     fit_time_budget(run, state, t_start=NOW - 150)  # already past the budget: stop after this epoch
-    assert state.epochs == 4 and replans == [60, 40]
+    assert state.epochs == 5 and replans == [60, 50]
 
 
 def test_one_epoch_slowed_by_a_passing_job_does_not_cut_the_plan(frozen_clock):
     from fervit.training.trainer import TrainState, fit_time_budget
 
-    run, replans = budget_run(300.0)
+    run, replans = budget_run(300.0, epochs=20)
     state = TrainState(epochs=20, epoch=10, rows=[{"seconds": 10.0}] * 9 + [{"seconds": 40.0}])
     fit_time_budget(run, state, t_start=NOW - 130)  # 170 s left at about 13 s an epoch: the 10 left still fit
     assert state.epochs == 20 and replans == []  # judged by the 40 s epoch alone, only 4 more would have fitted
+
+
+def test_a_plan_cut_by_a_slow_early_epoch_rises_again_but_only_early_in_the_run(frozen_clock):
+    from fervit.training.trainer import TrainState, fit_time_budget
+
+    run, replans = budget_run(200.0, epochs=20)
+    state = TrainState(epochs=20, epoch=2, rows=[{"seconds": 10.0}, {"seconds": 40.0}])
+    fit_time_budget(run, state, t_start=NOW - 50)  # 150 s left at 40 s an epoch: 3 more
+    assert state.epochs == 5
+    state.epoch, state.rows = 4, state.rows + [{"seconds": 10.0}] * 2
+    fit_time_budget(run, state, t_start=NOW - 100)  # 100 s left at 10 s (the median of 40, 10, 10): 10 more
+    assert state.epochs == 14 and replans == [50, 140]
+    state.epoch, state.rows = 5, state.rows + [{"seconds": 5.0}]
+    fit_time_budget(run, state, t_start=NOW - 75)  # 125 s left at 10 s: 12 more would fit, but from epoch 5 on
+    assert state.epochs == 14 and replans == [50, 140]  # the plan only comes down
+
+
+def test_an_early_plan_never_rises_past_the_epochs_asked_for(frozen_clock):
+    from fervit.training.trainer import TrainState, fit_time_budget
+
+    run, replans = budget_run(1000.0, epochs=8)
+    state = TrainState(epochs=6, epoch=3, rows=[{"seconds": 10.0}] * 3)
+    fit_time_budget(run, state, t_start=NOW - 30)  # 97 more would fit
+    assert state.epochs == 8 and replans == [80]
 
 
 def test_a_run_extended_with_more_epochs_is_not_cut_back_by_its_old_time_budget(frozen_clock):

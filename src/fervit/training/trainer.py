@@ -10,7 +10,6 @@ The run folder is always finished, also after Ctrl-C.
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from fervit.models.checkpoint import describe, save_model
 from fervit.models.pretrained import load_pretrained
 from fervit.run_folder import (WEIGHTS, has_results, is_run_folder, make_run_dir, read_config, set_results_aside,
                                write_config, write_metrics)
+from fervit.training.budget import fit_time_budget
 from fervit.training.checkpoint import (CheckpointWriter, ResumeState, has_checkpoint, load_last, restore,
                                         restore_rng)
 from fervit.training.distributed import (DistContext, any_rank, barrier, broadcast_value, close, init_distributed,
@@ -373,24 +373,6 @@ def plan_next(run: Run, state: TrainState, row: dict, t_start: float, on_epoch) 
         state.stop_reason = f"early stop: no better validation accuracy for {state.stale} epochs"
     if on_epoch is not None:
         state.stop_reason = broadcast_value((on_epoch(row) if run.ctx.is_main else None) or state.stop_reason, run.ctx)
-
-
-def fit_time_budget(run: Run, state: TrainState, t_start: float) -> None:
-    """Lower the planned epochs (and re-plan the cosine) when the epochs left would not fit train.time_budget_s.
-
-    Epoch 1 carries compilation, so an epoch costs the mean of those after it, or the median of the last three
-    when slower: checked after every epoch, it sees a lasting slowdown (GPU neighbours that finish compiling)
-    after two slow epochs, and one epoch slowed by a passing job does not cut the plan for good. It only ever
-    lowers the plan; rank 0's clock decides for all.
-    """
-    later = [r["seconds"] for r in state.rows[1:]] or [state.rows[-1]["seconds"]]
-    per_epoch = max(sum(later) / len(later), statistics.median(later[-3:]))
-    left = run.cfg.train.time_budget_s - (time.time() - t_start)
-    fit = broadcast_value(state.epoch + max(int(left / max(per_epoch, 1e-3)), 0), run.ctx)
-    if fit < state.epochs:
-        state.epochs = max(fit, state.epoch)
-        run.schedule.replan(run.steps_per_epoch * state.epochs)
-        run.log(f"time budget {run.cfg.train.time_budget_s:.0f}s: training {state.epochs} epochs")
 
 
 def evaluate_split(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
