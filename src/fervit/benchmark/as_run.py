@@ -22,12 +22,9 @@ import sys
 from fervit import omp
 from fervit.errors import FervitError
 
-OMP_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
-
-
 def environments() -> dict[str, tuple[dict, str]]:
     """pipeline -> (its environment, how its threads wait) for the two child processes."""
-    user = {k: v for k, v in os.environ.items() if k not in OMP_VARIABLES or not omp.set_by_fervit(k)}
+    user = {k: v for k, v in os.environ.items() if not omp.set_by_fervit(k)}
     fervit = dict(user)
     if "OMP_WAIT_POLICY" in user:
         fervit_wait = f"{user['OMP_WAIT_POLICY']} (set in the environment)"
