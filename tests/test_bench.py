@@ -242,3 +242,18 @@ def test_usual_pipeline_with_every_op_off_computes_fervits_eval_input(bench_extr
     torch.testing.assert_close(usual, normalize(image[None])[0], atol=1e-6, rtol=0)
     full = usual_train_transform(dataclasses.replace(AugmentConfig()))(Image.fromarray(image.numpy()))
     assert full.shape == (1, 48, 48) and full.min() >= -1 and full.max() <= 1
+
+
+def test_the_busy_process_runs_for_the_block_and_is_gone_after(monkeypatch):
+    import subprocess
+
+    from fervit.benchmark import busy
+
+    started = []
+    real_popen = subprocess.Popen
+    monkeypatch.setattr(busy.subprocess, "Popen", lambda *a, **k: started.append(real_popen(*a, **k)) or started[-1])
+    with busy.busy_process():
+        assert started and started[0].poll() is None  # running while the block runs
+    assert started[0].poll() is not None  # killed and reaped on the way out
+    with busy.busy_process(active=False):
+        assert len(started) == 1  # no load asked for, none started

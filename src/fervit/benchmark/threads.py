@@ -7,19 +7,17 @@ op of the step; fewer threads than free cores avoid that. This is what `train.th
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 
 import torch
 
+from fervit.benchmark.busy import busy_process
 from fervit.config import RunConfig
 from fervit.device import channels_last_choice, resolve_amp
 from fervit.models import build_model
 from fervit.training.parts import build_optimizer
 from fervit.training.step import TrainStep
 
-BUSY_LOOP = "while True: pass"  # one core's worth of load, as a second run or a test suite would take
 
 
 def _images_s(preset: RunConfig, images: torch.Tensor, labels: torch.Tensor, steps: int, warmup: int) -> float:
@@ -48,16 +46,11 @@ def threads_under_load(preset: RunConfig, images: torch.Tensor, labels: torch.Te
     rows = []
     try:
         for load in (False, True):
-            busy = subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) if load else None
-            try:
+            with busy_process(load):
                 for threads in thread_counts:
                     torch.set_num_threads(threads)
                     rows.append({"threads": threads, "busy_processes": int(load), "batch_size": preset.train.batch_size,
                                  "steps": steps, "train_images_s": _images_s(preset, images, labels, steps, warmup)})
-            finally:
-                if busy is not None:
-                    busy.kill()
-                    busy.wait()
     finally:
         torch.set_num_threads(before)
     return rows

@@ -12,13 +12,14 @@ import os
 import subprocess
 import sys
 
+from fervit.benchmark.busy import busy_process
+
 SETTINGS = {  # label -> environment
     "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
     "PASSIVE, GOMP_SPINCOUNT=100000": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "100000"},
     "PASSIVE, GOMP_SPINCOUNT=1000000": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "1000000"},
     "ACTIVE": {"OMP_WAIT_POLICY": "ACTIVE"},
 }
-BUSY_LOOP = "while True: pass"
 
 
 def images_s(preset: str, threads: int, steps: int) -> float:
@@ -50,15 +51,10 @@ def main() -> int:
              "--threads", str(args.threads), "--steps", str(args.steps)]
     print(f"{args.preset}, {args.threads} threads, {args.steps} steps, best of 2 (img/s)")
     for busy in (False, True):
-        loop = subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) if busy else None
-        try:
+        with busy_process(busy):
             for label, env in SETTINGS.items():
                 out = subprocess.run(child, env={**base, **env}, capture_output=True, text=True, check=True)
                 print(f"  {'beside one busy process' if busy else 'idle':24s} {label:34s} {float(out.stdout):7.0f}")
-        finally:
-            if loop is not None:
-                loop.kill()
-                loop.wait()
     return 0
 
 
