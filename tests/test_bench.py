@@ -257,3 +257,18 @@ def test_the_busy_process_runs_for_the_block_and_is_gone_after(monkeypatch):
     assert started[0].poll() is not None  # killed and reaped on the way out
     with busy.busy_process(active=False):
         assert len(started) == 1  # no load asked for, none started
+
+
+def test_one_worker_count_is_tabled_once(quick_bench):
+    import copy
+
+    from fervit.benchmark.table import format_table
+
+    d = copy.deepcopy(quick_bench[0])
+    d["settings"]["workers"] = d["settings"]["few_workers"]  # a machine whose core count gives the same count
+    for pipes in [d["data_path"], *d["models"].values()]:
+        pipes["usual"] = dict(pipes["usual_few"])
+    table = format_table(d)
+    assert table.count("usual 1w") == 1 and "against 1 workers" not in table and "the same, " not in table
+    assert "with 1 DataLoader workers" in table
+    assert quick_bench[0]["table"].count("usual 1w") == 1  # two counts: each row once, under its own count

@@ -7,13 +7,16 @@ def format_table(result: dict) -> str:
     """The result as one plain-text table, the same one BENCHMARKS.md quotes."""
     m, s = result["machine"], result["settings"]
     dp = result["data_path"]
+    # on a machine with few cores both worker counts are the same: that pipeline was timed once, so say it once
+    usual_pipes = ("usual",) if s["few_workers"] == s["workers"] else ("usual", "usual_few")
     lines = [
         f"fervit bench on {m['device']} ({m['device_name']}; {m['cpu_count']} CPUs, {m['torch_threads']} torch "
         f"threads, OMP_WAIT_POLICY {m['omp_wait_policy']}) | torch {m['torch']} | torchvision {m['torchvision']} | "
         f"kornia {m['kornia']}",
         f"command: {result['command']}",
         f"batch {s['batch_size']} (eval {s['eval_batch_size']}), amp {s['amp']}, usual pipeline with "
-        f"{s['workers']} and {s['few_workers']} DataLoader workers; {s['timing']}",
+        f"{' and '.join(str(w) for w in dict.fromkeys((s['workers'], s['few_workers'])))} DataLoader workers; "
+        f"{s['timing']}",
         "",
         "data path alone (augmented images/s, no model)",
         f"  fervit  device-side, batched           {dp['fervit']['images_s']:>10,.0f}",
@@ -21,22 +24,26 @@ def format_table(result: dict) -> str:
         f"{result['kornia_ratio']:.1f}x",
         f"  usual   PIL + torchvision per image     {dp['usual']['images_s']:>10,.0f}   fervit/usual "
         f"{result['data_path_ratio']:.1f}x   ({dp['usual']['workers']} workers)",
-        f"  usual   the same, {dp['usual_few']['workers']:>2} workers          {dp['usual_few']['images_s']:>10,.0f}"
-        f"   fervit/usual {result['data_path_ratio_few']:.1f}x",
+    ]
+    if "usual_few" in usual_pipes:
+        lines.append(f"  usual   the same, {dp['usual_few']['workers']:>2} workers          "
+                     f"{dp['usual_few']['images_s']:>10,.0f}   fervit/usual {result['data_path_ratio_few']:.1f}x")
+    lines += [
         "",
         f"{'model':<10} {'pipeline':<13} {'train img/s':>11} {'epoch s':>9} {'eval img/s':>10} {'latency ms':>10} "
         f"{'peak MiB':>9} {'TFLOP/s':>8}",
     ]
     for name, row in result["models"].items():
-        for pipe in ("fervit", "usual", "usual_few"):
+        for pipe in ("fervit", *usual_pipes):
             r = row[pipe]
             label = f"usual {r['workers']}w" if pipe.startswith("usual") else pipe
             eval_s = f"{r['eval_images_s']:>10,.1f}" if "eval_images_s" in r else f"{'-':>10}"
             latency = f"{r['latency_ms']:>10.2f}" if "latency_ms" in r else f"{'-':>10}"
             lines.append(f"{name if pipe == 'fervit' else '':<10} {label:<13} {r['train_images_s']:>11,.1f} "
                          f"{r['epoch_s']:>9,.1f} {eval_s} {latency} {r['peak_mem_mib']:>9,.0f} {r['tflops']:>8.3f}")
-        lines.append(f"{'':<10} {'fervit/usual':<13} {row['train_ratio']:>10.2f}x {'':>9} {row['eval_ratio']:>9.2f}x"
-                     f"   ({row['train_ratio_few']:.2f}x against {row['usual_few']['workers']} workers)")
+        few = f"   ({row['train_ratio_few']:.2f}x against {row['usual_few']['workers']} workers)" \
+            if "usual_few" in usual_pipes else ""
+        lines.append(f"{'':<10} {'fervit/usual':<13} {row['train_ratio']:>10.2f}x {'':>9} {row['eval_ratio']:>9.2f}x{few}")
     lines.append("")
     peak = result["bf16_peak_tflops"]
     for name, row in result["models"].items():
