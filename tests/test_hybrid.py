@@ -165,6 +165,12 @@ def test_a_crop_model_trains_with_mixup_and_cutmix_and_its_run_is_evaluated_with
     run = train(cfg, quiet=True)
     results = json.loads((run / "results.json").read_text())
     assert results["tta"] == "ten_crop" and results["test"]["num_samples"] == 28
+    # the one-view scores are kept beside the TTA ones: what `fervit evaluate --tta none` measures of the same model
+    from fervit.evaluation.rerun import evaluate_checkpoint
+    for split in ("val", "test"):
+        evaluate_checkpoint(str(run), split=split, data_root=str(tiny_layout), device="cpu", output=str(tmp_path / split))
+        one_view = json.loads((tmp_path / split / "results.json").read_text())[split]
+        assert one_view["tta"] == "none" and results["single_view"][split] == pytest.approx(one_view["accuracy"])
 
 
 @pytest.mark.parametrize("crop", [0, 48], ids=["no_crop", "crop_of_the_whole_face"])

@@ -134,7 +134,8 @@ class TrainConfig:
     early_stop_patience: int = 0  # epochs without a better val accuracy; 0 disables
     time_budget_s: float = 0.0  # >0: from epoch 2 on, cap the epochs to fit this wall time; the cosine re-plans
     tta: Literal["none", "mirror", "ten_crop"] = "none"  # final evaluation: mirror (face + mirror) | ten_crop
-    #                                                      (corners + centre, mirrored; needs model.crop_size)
+    #                                                      (corners + centre, mirrored; needs model.crop_size);
+    #                                                      results.json keeps the one-view scores in single_view
     log_test: bool = False  # also score the test split after every epoch (`test_acc` in training_metrics.csv), for
     #                         time-to-accuracy curves only: the epoch is still chosen on validation, nothing on test
     output: str = "runs"

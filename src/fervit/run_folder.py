@@ -189,6 +189,7 @@ class Results:
     checkpoint: str | list | None = None  # what `fervit evaluate` measured (a list: an ensemble)
     val: dict | None = None  # split_report() of the validation split, with the "tta" it used
     test: dict | None = None
+    single_view: dict | None = None  # with train.tta on: {"val": acc, "test": acc} from one view, as predict scores
     calibration: dict | None = None
     other: dict = field(default_factory=dict)
 
