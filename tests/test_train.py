@@ -248,8 +248,11 @@ def budget_run(budget_s: float, epochs: int = 10):
 
     from fervit.training.distributed import DistContext
 
+    from fervit.config import RunConfig
+
     replans = []
-    cfg = SimpleNamespace(train=SimpleNamespace(time_budget_s=budget_s, epochs=epochs))
+    cfg = RunConfig()
+    cfg.train.time_budget_s, cfg.train.epochs = budget_s, epochs
     run = SimpleNamespace(cfg=cfg, ctx=DistContext(), steps_per_epoch=10, log=lambda *a: None,
                           schedule=SimpleNamespace(replan=replans.append))
     return run, replans

@@ -46,6 +46,8 @@ class AugmentConfig:
     mixup_alpha: float = 0.0  # 0 disables
     cutmix_alpha: float = 0.0  # 0 disables
     mix_p: float = 1.0  # probability that a batch is mixed when mixup/cutmix is on
+    low_res: int = 0  # progressive resizing: >0 trains the first epochs on images sampled at this side; 0: off
+    low_res_until: float = 0.5  # with low_res: the fraction of the planned epochs it lasts (training.resolution)
 
     def scaled(self, strength: float) -> AugmentConfig:
         """A copy with every geometric and photometric amount times `strength` (0: none, 1: as is); the
@@ -224,6 +226,8 @@ RANGES = {
     "augment.mix_p": (0.0, 1.0, "a probability in [0, 1]", ""),
     "augment.mixup_alpha": (0.0, None, "0 (off) or more", ""),
     "augment.cutmix_alpha": (0.0, None, "0 (off) or more", ""),
+    "augment.low_res": (0, None, "0 (off) or a side in pixels below the one the model trains on", ""),
+    "augment.low_res_until": (0.0, 1.0, "a fraction of the planned epochs in (0, 1)", "open_both"),
     "data.val_fraction": (0.0, 1.0, "in (0, 1)", "open_both"),
     # FER-2013's faces are 48x48 grayscale in 7 classes: a model for anything else cannot be trained on them
     "model.img_size": (48, 48, "48, the size of FER-2013's faces (model.crop_size trains on smaller crops)", ""),

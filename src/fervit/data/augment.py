@@ -88,12 +88,14 @@ def random_crop(mat: torch.Tensor, crop: int, size: int, gen: torch.Generator) -
 
 
 def augment_batch(images_u8: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator,
-                  crop_size: int = 0) -> torch.Tensor:
+                  crop_size: int = 0, out_side: int = 0) -> torch.Tensor:
     """(B, H, W) uint8 on any device -> (B, 1, H, W) float32 normalised, augmented per sample.
 
     `crop_size` (0 < crop_size < H): every sample is also a random crop_size x crop_size window, so the
     result is (B, 1, crop_size, crop_size). With augmentation off the whole face comes back, and a cropping
-    model takes its centre.
+    model takes its centre. `out_side` (0 < out_side < the window): the window is sampled on an out_side grid
+    instead, a smaller image of the same view in the same one grid_sample (progressive resizing,
+    `augment.low_res`).
     """
     x = images_u8.unsqueeze(1).float() / 255.0
     if not cfg.enabled:
@@ -104,6 +106,8 @@ def augment_batch(images_u8: torch.Tensor, cfg: AugmentConfig, gen: torch.Genera
     out = size
     if 0 < crop_size < size:
         mat, out = random_crop(mat, crop_size, size, gen), crop_size
+    if 0 < out_side < out:
+        out = out_side
     grid = affine_grid(mat, out, out)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     size = out

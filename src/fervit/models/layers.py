@@ -129,13 +129,14 @@ class Block(nn.Module):
 
 
 def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, size, size) from the centre; a no-op when the input already has that size.
+    """(B, C, H, W) -> (B, C, size, size) from the centre; a no-op when the input is no larger than that.
 
     Models trained on random crops (`model.crop_size`) take whole faces at evaluation and inference, so
-    every caller (evaluate, predict, ONNX export, serve) keeps sending 48x48 faces.
+    every caller (evaluate, predict, ONNX export, serve) keeps sending 48x48 faces. Smaller inputs pass as they
+    are: progressive resizing (`augment.low_res`) trains on them.
     """
     h, w = x.shape[-2:]
-    if h == size and w == size:
+    if h <= size and w <= size:
         return x
     top, left = (h - size) // 2, (w - size) // 2
     return x[..., top:top + size, left:left + size]

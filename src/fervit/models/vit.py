@@ -6,8 +6,11 @@ Both share `Encoder`: [CLS] + learnable positions -> pre-norm blocks -> norm -> 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from fervit.config import ModelConfig
 from fervit.models.layers import Block, Dropout, center_crop, init_weights, is_meta
@@ -44,10 +47,23 @@ class Encoder(nn.Module):
         """Learned tokens and positions: decaying them towards zero only blurs the sequence."""
         return {"cls_token", "pos_embed"}
 
+    def positions(self, n_tokens: int) -> torch.Tensor:
+        """The learned positions for n_tokens tokens: as learned, or for a smaller square grid (progressive
+        resizing trains on smaller images first) the grid's positions resampled to it, bilinearly."""
+        if n_tokens + 1 == self.pos_embed.shape[1]:
+            return self.pos_embed
+        old, new = math.isqrt(self.pos_embed.shape[1] - 1), math.isqrt(n_tokens)
+        if old * old != self.pos_embed.shape[1] - 1 or new * new != n_tokens:
+            raise ValueError(f"{n_tokens} tokens are not a square grid of the {self.pos_embed.shape[1] - 1} the "
+                             "positions were made for")
+        grid = self.pos_embed[:, 1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(new, new), mode="bilinear", align_corners=False)
+        return torch.cat([self.pos_embed[:, :1], grid.permute(0, 2, 3, 1).reshape(1, n_tokens, -1)], dim=1)
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         B = tokens.shape[0]
         x = torch.cat([self.cls_token.expand(B, -1, -1), tokens], dim=1)  # (B, 1 + T, C)
-        x = self.pos_drop(x + self.pos_embed)
+        x = self.pos_drop(x + self.positions(tokens.shape[1]))
         for block in self.blocks:
             x = block(x)
         if self.pool == "mean":

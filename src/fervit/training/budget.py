@@ -6,6 +6,7 @@ import statistics
 import time
 
 from fervit.training.distributed import broadcast_value
+from fervit.training.resolution import epoch_cost
 
 EARLY_EPOCHS = 4  # through this epoch the plan follows the estimate both ways; later it only comes down
 
@@ -23,10 +24,13 @@ def fit_time_budget(run, state, t_start: float) -> None:
     only ever comes down. Rank 0's clock decides for all.
     """
     cfg = run.cfg.train
-    later = [r["seconds"] for r in state.rows[1:]] or [state.rows[-1]["seconds"]]
+    # seconds of an epoch at full size: progressive resizing's smaller epochs (augment.low_res) cost less
+    full = [r["seconds"] / epoch_cost(run.cfg, i + 1, state.epochs) for i, r in enumerate(state.rows)]
+    later = full[1:] or full[-1:]
     per_epoch = max(statistics.median(later), statistics.median(later[-3:]))
     left = cfg.time_budget_s - (time.time() - t_start)
-    fit = broadcast_value(state.epoch + max(int(left / max(per_epoch, 1e-3)), 0), run.ctx)
+    fit = broadcast_value(epochs_that_fit(run.cfg, state.epoch, per_epoch, left, max(cfg.epochs, state.epochs)),
+                          run.ctx)
     planned = state.epochs
     if fit < planned:
         state.epochs = max(fit, state.epoch)
@@ -35,3 +39,12 @@ def fit_time_budget(run, state, t_start: float) -> None:
     if state.epochs != planned:
         run.schedule.replan(run.steps_per_epoch * state.epochs)
         run.log(f"time budget {cfg.time_budget_s:.0f}s: training {state.epochs} epochs")
+
+
+def epochs_that_fit(cfg, done: int, per_epoch: float, left: float, most: int) -> int:
+    """The longest plan, at most `most` epochs, whose epochs after `done` cost no more than `left` seconds at
+    `per_epoch` a full-size epoch. Each plan length has its own split of small and full-size epochs."""
+    n = done
+    while n < most and per_epoch * sum(epoch_cost(cfg, e, n + 1) for e in range(done + 1, n + 2)) <= left:
+        n += 1
+    return n

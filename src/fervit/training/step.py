@@ -85,6 +85,7 @@ class TrainStep:
         self.mixing = cfg.augment.mixup_alpha > 0 or cfg.augment.cutmix_alpha > 0
         self.keep_logits = cfg.optim.self_distill > 0  # the epoch stores each image's prediction (self-distillation)
         self.logits: torch.Tensor | None = None  # the last batch's, detached, when keep_logits
+        self.side = 0  # >0: the side augmented images are sampled at (progressive resizing); 0: the model's own
         self.mode, self.mode_used = mode, "eager"
         self.forward_loss: Callable = self._forward_loss
         self.ema_updates = int(ema.n_averaged) if ema is not None else 0  # read once: the EMA never syncs after
@@ -98,7 +99,7 @@ class TrainStep:
     def augment(self, images_u8: torch.Tensor, y: torch.Tensor, gen: torch.Generator,
                 target: torch.Tensor | None = None):
         """Augmented images, targets (labels, or the soft `target` given, or mixed ones) and this rank's hard labels."""
-        x = augment_batch(images_u8, self.cfg.augment, gen, self.cfg.model.crop_size)  # (B, 1, S, S) float32
+        x = augment_batch(images_u8, self.cfg.augment, gen, self.cfg.model.crop_size, self.side)  # (B, 1, S, S)
         target = y if target is None else target
         if self.mixing:
             x, target = mix_batch(x, y, self.cfg.augment, self.cfg.model.num_classes, gen)

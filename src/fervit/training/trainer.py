@@ -33,6 +33,7 @@ from fervit.models.pretrained import load_pretrained
 from fervit.run_folder import (WEIGHTS, has_results, is_run_folder, make_run_dir, read_config, set_results_aside,
                                write_config, write_metrics)
 from fervit.training.budget import fit_time_budget
+from fervit.training.resolution import check_low_res, set_epoch_side
 from fervit.training.checkpoint import (CheckpointWriter, ResumeState, has_checkpoint, load_last, restore,
                                         restore_rng)
 from fervit.training.distributed import (DistContext, any_rank, barrier, broadcast_value, close, init_distributed,
@@ -200,6 +201,7 @@ def check_request(cfg: RunConfig, ctx: DistContext, run_dir, resume: bool) -> No
                               "to train it further from; start a new run instead")
     check_teachers(cfg)
     check_self_distill(cfg, ctx.world_size)
+    check_low_res(cfg)
     if cfg.train.tta == "ten_crop" and not cfg.model.takes_crops():  # now, not after training
         raise FervitError(f"train.tta=ten_crop needs a model trained on crops smaller than the {cfg.model.img_size}px "
                           "face (model.crop_size, e.g. 40); use train.tta=mirror for a model that takes the whole face")
@@ -329,6 +331,7 @@ def run_epoch(run: Run, state: TrainState, tb: TensorBoardLog, watch: Figures | 
     scheduler = step.scheduler
     first_step = scheduler.last_epoch
     batches.soft_weight = self_distill_weight(cfg.optim.self_distill, state.epoch, state.epochs)
+    set_epoch_side(step, cfg, state.epoch, state.epochs, run.log)
     with EpochBar(len(batches.train_idx), f"epoch {state.epoch}/{state.epochs}", run.quiet or not ctx.is_main,
                   plan) as bar:
         lr = step.optimizer.param_groups[0]["lr"]
