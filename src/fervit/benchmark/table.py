@@ -9,14 +9,14 @@ def format_table(result: dict) -> str:
     dp = result["data_path"]
     # on a machine with few cores both worker counts are the same: that pipeline was timed once, so say it once
     usual_pipes = ("usual",) if s["few_workers"] == s["workers"] else ("usual", "usual_few")
+    workers_said = f"{s['workers']}" if len(usual_pipes) == 1 else f"{s['workers']} and {s['few_workers']}"
     lines = [
         f"fervit bench on {m['device']} ({m['device_name']}; {m['cpu_count']} CPUs, {m['torch_threads']} torch "
         f"threads, OMP_WAIT_POLICY {m['omp_wait_policy']}) | torch {m['torch']} | torchvision {m['torchvision']} | "
         f"kornia {m['kornia']}",
         f"command: {result['command']}",
         f"batch {s['batch_size']} (eval {s['eval_batch_size']}), amp {s['amp']}, usual pipeline with "
-        f"{' and '.join(str(w) for w in dict.fromkeys((s['workers'], s['few_workers'])))} DataLoader workers; "
-        f"{s['timing']}",
+        f"{workers_said} DataLoader workers; {s['timing']}",
         "",
         "data path alone (augmented images/s, no model)",
         f"  fervit  device-side, batched           {dp['fervit']['images_s']:>10,.0f}",

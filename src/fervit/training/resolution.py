@@ -12,6 +12,7 @@ import torch
 
 from fervit.config import RunConfig
 from fervit.errors import FervitError
+from fervit.models import build_model
 
 
 def full_side(cfg: RunConfig) -> int:
@@ -52,8 +53,6 @@ def check_low_res(cfg: RunConfig) -> None:
     if low >= full_side(cfg):
         raise FervitError(f"augment.low_res must be below the {full_side(cfg)}px side the model trains on "
                           f"(model.crop_size or img_size), got {low}")
-    from fervit.models import build_model
-
     try:
         with torch.device("meta"):  # shapes only: no memory, no weights
             build_model(cfg.model)(torch.zeros(2, cfg.model.in_chans, low, low))

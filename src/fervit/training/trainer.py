@@ -33,7 +33,6 @@ from fervit.models.pretrained import load_pretrained
 from fervit.run_folder import (WEIGHTS, has_results, is_run_folder, make_run_dir, read_config, set_results_aside,
                                write_config, write_metrics)
 from fervit.training.budget import fit_time_budget
-from fervit.training.resolution import check_low_res, set_epoch_side
 from fervit.training.checkpoint import (CheckpointWriter, ResumeState, has_checkpoint, load_last, restore,
                                         restore_rng)
 from fervit.training.distributed import (DistContext, any_rank, barrier, broadcast_value, close, init_distributed,
@@ -44,6 +43,7 @@ from fervit.training.finish import finish
 from fervit.training.lock import RunLock
 from fervit.training.parts import build_ema, build_optimizer, class_weights, maybe_compile
 from fervit.training.recipe import check_config, check_continuable, data_fingerprint
+from fervit.training.resolution import check_low_res, set_epoch_side
 from fervit.training.signals import Preempted, StopNow, StopSignals
 from fervit.training.step import TrainStep
 from fervit.training.teachers import check_teachers, load_teachers
