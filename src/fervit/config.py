@@ -86,6 +86,10 @@ class ModelConfig:
     backbone: str = ""  # timm only: the timm model name, e.g. resnet18, convnext_atto, vit_tiny_patch16_224
     input_size: int = 0  # timm only: faces are resized to this square size inside the model; 0 keeps img_size
 
+    def trained_side(self) -> int:
+        """The side of the images training feeds the model: its crop (model.crop_size), else the whole face."""
+        return self.crop_size or self.img_size
+
     def takes_crops(self) -> bool:
         """Trained on crops smaller than the face (model.crop_size), so ten-crop TTA applies."""
         return 0 < self.crop_size < self.img_size

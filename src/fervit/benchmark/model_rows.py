@@ -44,7 +44,7 @@ def bench_model(name: str, preset: RunConfig, cfg: BenchConfig, device, images, 
     channels_last = channels_last_choice(preset.train.channels_last, model, device)[0]
     optimizer = build_optimizer(model, preset, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    side = preset.model.crop_size or preset.model.img_size  # what training feeds the model
+    side = preset.model.trained_side()  # what training feeds the model
     example = torch.zeros(bs, preset.model.in_chans, side, side, device=device)
     train_model = maybe_compile(model, cfg.compile, device, example)  # on CUDA both pipelines train this module
     # one step for the whole bench, as the trainer builds one per run; the breakdown below times it too

@@ -67,7 +67,7 @@ class ResNetViTEmotion(nn.Module):
             raise ValueError("model.stem_channels needs at least one stage")
         if cfg.stem_blocks < 1:
             raise ValueError(f"model.stem_blocks must be at least 1, got {cfg.stem_blocks}")
-        self.input_size = cfg.crop_size or cfg.img_size
+        self.input_size = cfg.trained_side()
         side = self.input_size
         for _ in cfg.stem_channels[1:]:
             side = (side + 1) // 2  # a stride-2 3x3 conv with padding 1 rounds up

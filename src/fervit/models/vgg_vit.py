@@ -33,7 +33,7 @@ class VGGViTEmotion(nn.Module):
             raise ValueError("model.stem_channels needs at least one stage")
         if cfg.stem_convs < 1:
             raise ValueError(f"model.stem_convs must be at least 1, got {cfg.stem_convs}")
-        self.input_size = cfg.crop_size or cfg.img_size
+        self.input_size = cfg.trained_side()
         side = self.input_size // 2 ** (len(cfg.stem_channels) - 1)
         if side < 1:
             raise ValueError(f"{len(cfg.stem_channels)} stem stages shrink a {self.input_size}px image to nothing")

@@ -76,7 +76,7 @@ class VisionTransformerEmotion(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.input_size = cfg.crop_size or cfg.img_size
+        self.input_size = cfg.trained_side()
         if self.input_size % cfg.patch_size:
             raise ValueError(f"input size {self.input_size} is not divisible by patch_size {cfg.patch_size}")
         self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, stride=cfg.patch_size)
@@ -111,7 +111,7 @@ class VisionTransformerEmotionCNN(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.stem = conv_stem(cfg.in_chans, cfg.stem_channels, cfg.stem_convs)
-        self.input_size = cfg.crop_size or cfg.img_size
+        self.input_size = cfg.trained_side()
         side = self.input_size // 2 ** len(cfg.stem_channels)
         if side < 1:
             raise ValueError(f"{len(cfg.stem_channels)} stem stages shrink a {self.input_size}px image to nothing")

@@ -17,7 +17,7 @@ from fervit.models import build_model
 
 def full_side(cfg: RunConfig) -> int:
     """The side the model is trained and evaluated at: its crop, else the whole face."""
-    return cfg.model.crop_size or cfg.model.img_size
+    return cfg.model.trained_side()
 
 
 def low_res_epochs(cfg: RunConfig, epochs: int) -> int:

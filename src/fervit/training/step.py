@@ -91,7 +91,7 @@ class TrainStep:
         self.ema_updates = int(ema.n_averaged) if ema is not None else 0  # read once: the EMA never syncs after
         if mode != "eager":
             if example is None:
-                b, side = cfg.train.batch_size // world, cfg.model.crop_size or cfg.model.img_size
+                b, side = cfg.train.batch_size // world, cfg.model.trained_side()
                 example = torch.zeros(b, cfg.model.in_chans, side, side, device=self.device)
             self._compile(mode, compile_backend, example)
 

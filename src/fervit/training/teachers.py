@@ -50,11 +50,11 @@ def load_teachers(cfg: RunConfig, device: torch.device, channels_last: bool,
     """The run's teachers in eval mode on `device` (`log` names them), or None without `optim.distill_from`."""
     if not cfg.optim.distill_from:
         return None
-    side = cfg.model.crop_size or cfg.model.img_size  # what the student is fed, so what the teachers get
+    side = cfg.model.trained_side()  # what the student is fed, so what the teachers get
     models = []
     for path in cfg.optim.distill_from:
         model, meta = load_model(path, device)
-        teacher_side = meta.model.crop_size or meta.model.img_size
+        teacher_side = meta.model.trained_side()
         if teacher_side != side:
             raise FervitError(f"teacher '{path}' takes {teacher_side}px faces but this run trains on {side}px "
                               f"{'crops' if cfg.model.crop_size else 'faces'}; distil from teachers with the same "

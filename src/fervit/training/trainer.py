@@ -261,7 +261,7 @@ def set_up(cfg: RunConfig, ctx: DistContext, data: FerData, splits: Splits, fing
     if saved is not None:
         restore(saved, model=model, ema=ema, optimizer=optimizer, scheduler=scheduler, run_dir=run_dir, ctx=ctx,
                 soft=soft)
-    side = cfg.model.crop_size or cfg.model.img_size  # what training feeds the model
+    side = cfg.model.trained_side()  # what training feeds the model
     example = torch.zeros(cfg.train.batch_size // ctx.world_size, cfg.model.in_chans, side, side, device=device)
     train_model = wrap_model(model, ctx)
     if cfg.train.step_mode == "auto":  # the whole model compiled (train.compile), the step around it eager
