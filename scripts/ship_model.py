@@ -31,6 +31,7 @@ from fervit.run_folder import (CONFIG, METRICS, RESULTS, DamagedResults, has_res
                                read_metrics_csv, read_results)
 
 MAX_BYTES = 10 * 1024 * 1024
+CPU_TARGET = 0.70  # fervit's PrivateTest target for a single model trained on a CPU (the issues, RESULTS.md)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -71,14 +72,22 @@ def card(run: Path, cfg, results: dict, val: dict, test: dict, rows: list[dict],
         f"| {name} | {pct(v['precision'])} | {pct(v['recall'])} | {v['f1']:.2f} | {v['support']} |"
         for name, v in test["per_class"].items())
     best = results.get("best_epoch")
-    budget = (f"Its time budget (`train.time_budget_s={t.time_budget_s:g}`) re-planned the cosine schedule to "
-              f"{len(rows)} of {t.epochs} epochs on that machine; a faster one runs more." if t.time_budget_s else "")
+    budget = ""
+    if t.time_budget_s and len(rows) < t.epochs:
+        budget = (f"Its time budget (`train.time_budget_s={t.time_budget_s:g}`) re-planned the cosine schedule to "
+                  f"{len(rows)} of {t.epochs} epochs on that machine; a faster one runs more.")
+    elif t.time_budget_s:
+        budget = (f"All {t.epochs} epochs fitted its time budget (`train.time_budget_s={t.time_budget_s:g}`) on "
+                  "that machine; a slower one re-plans the cosine schedule to fewer.")
     blocks = f"{m.depth} block{'s' if m.depth != 1 else ''} of {m.num_heads} heads"
     shape = (f"{n_params:,} parameters: stem {list(m.stem_channels)}, {m.embed_dim}-d tokens, {blocks}"
              if m.name == "vit_cnn" else f"{n_params:,} parameters")
     if device.startswith("cpu"):
-        intro = (f"Trained on a CPU in {minutes:.0f} minutes ({shape}). It is below fervit's accuracy targets "
-                 "(70% for a CPU-trained model, 73.5% on a GPU, single model on PrivateTest; see RESULTS.md).")
+        # the card is read beside fervit's target for a CPU-trained single model (RESULTS.md), so it says which side
+        # of it this model is on, from the re-evaluated number rather than a sentence written for one model
+        side = "meets" if test["accuracy"] >= CPU_TARGET else "is below"
+        intro = (f"Trained on a CPU in {minutes:.0f} minutes ({shape}). It {side} fervit's accuracy target for a "
+                 f"CPU-trained model ({CPU_TARGET:.0%} single model on PrivateTest; 73.5% on a GPU; see RESULTS.md).")
     else:
         intro = f"Trained on a GPU ({device}) in {minutes:.0f} minutes ({shape})."
     if provenance:
@@ -86,6 +95,7 @@ def card(run: Path, cfg, results: dict, val: dict, test: dict, rows: list[dict],
     dropped = " after dropping those that duplicate a validation or test image" if d.drop_eval_duplicates else ""
     weakest = sorted(test["per_class"].items(), key=lambda kv: kv[1]["recall"])[:2]
     weak = " and ".join(f'"{name}" ({pct(v["recall"])} recall)' for name, v in weakest)
+    missed = "most" if max(v["recall"] for _, v in weakest) < 0.45 else "many"  # "most" is false at 51% recall
     return f"""# fervit shipped model: {model_label(m.name, m.backbone)}, {n_params:,} parameters
 
 The model `fervit predict`, `fervit serve` and `fervit evaluate` use when given no `--model`. Built by
@@ -126,7 +136,7 @@ Per class on PrivateTest:
 
 ## Known limits
 - Accuracy: about {pct(test['accuracy'])} on PrivateTest, where published single CNNs reach about 73% and
-  humans about 65%. Weakest classes: {weak}; expect most of their faces to be missed or confused.
+  humans about 65%. Weakest classes: {weak}; expect {missed} of their faces to be missed or confused.
 - FER-2013 itself: web images found by keyword search, labels with known noise (57 duplicate groups in
   this copy carry conflicting labels), mostly frontal faces, and an unknown demographic balance. The model
   has not been checked for performance differences across age, gender, ethnicity or skin tone, nor
