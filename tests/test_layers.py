@@ -14,8 +14,8 @@ N = 1 << 20
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("p", [0.1, 0.15, 0.5])
 def test_the_cpu_mask_drops_p_of_the_elements_in_each_of_the_four_quarters_of_a_draw(dtype, p):
-    # every fourth element comes from the top 16 bits of a 64-bit draw, whose top bit is always 0: a mask that
-    # kept those bits would drop a different share there
+    # every fourth element comes from the top 16 bits of a 64-bit draw, which hold its sign: a draw that
+    # filled only [0, 2^63) would drop a different share there
     torch.manual_seed(0)
     out = dropout_cpu(torch.ones(N, dtype=dtype), p)
     dropped = (out == 0).float()

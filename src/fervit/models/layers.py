@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -54,18 +55,20 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
 
 
-MASK_BITS = 15  # random bits per element of a CPU dropout mask: the drop probability is a multiple of 2^-15
+MASK_BITS = 16  # random bits per element of a CPU dropout mask: the drop probability is a multiple of 2^-16
 
 
 def dropout_cpu(x: torch.Tensor, p: float) -> torch.Tensor:
     """Training-mode dropout for a CPU tensor, its mask drawn from fewer random numbers than torch's.
 
-    torch's CPU dropout draws a float Bernoulli per element on one thread, whatever torch's thread count: for one
-    (128, 145, 768) bf16 mask of `vit_cnn`, 118 ms forward and 155 ms with the backward at 2 threads, against
-    42 and 66 ms here (BENCHMARKS.md, "CPU: the bf16 path"). Here one 64-bit draw of the same default generator gives four
-    elements 15 bits each, and an element is kept when its bits reach round(p * 2^15): the drop probability
-    is p rounded to 1/32768 (0.15 -> 0.149994), and the kept ones are scaled by exactly the inverse of the
-    keep probability, so the expectation is unchanged.
+    torch's CPU dropout draws a float Bernoulli per element on one thread, whatever torch's thread count. Here
+    one 64-bit word of `random_words` gives four elements 16 bits each, and an element is kept
+    when its bits reach the threshold: the drop probability is p rounded to 1/65536 (0.15 -> 0.149994), and
+    the kept ones are scaled by exactly the inverse of the keep probability, so the expectation is unchanged.
+
+    The mask is multiplied in as 0/1 values of x's dtype, never used as a bool: on a CPU `torch.where`,
+    `masked_fill` and bool -> bf16 casts run unvectorised, 5-20x slower than a multiply, while the same bool
+    bytes read as uint8 convert at memory speed (BENCHMARKS.md, "CPU: the bf16 path").
     """
     if p <= 0.0:
         return x
@@ -74,11 +77,20 @@ def dropout_cpu(x: torch.Tensor, p: float) -> torch.Tensor:
     if threshold == levels:
         return x * 0.0
     n = x.numel()
-    # int64's random_ fills [0, 2^63): the top bit of each 16-bit quarter is dropped below, so that the
-    # fourth quarter (whose top bit is always 0) is as uniform as the other three
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()
-    bits = words.view(torch.int16)[:n].view(x.shape).bitwise_and_(levels - 1)
-    return torch.where(bits >= threshold, x * (levels / (levels - threshold)), 0.0)
+    bits = random_words((n + 3) // 4).view(torch.int16)[:n].view(x.shape)  # each uniform on [-2^15, 2^15)
+    keep = bits.ge(threshold - levels // 2).view(torch.uint8).to(x.dtype)
+    # two multiplies, not x * (keep * scale): the scale rounded to bf16 would bias the expectation by ~0.3%
+    return (x * keep).mul_(levels / (levels - threshold))
+
+
+def random_words(n: int) -> torch.Tensor:
+    """n uniform 64-bit words (int64), from a numpy SFC64 stream seeded by one draw of torch's default generator.
+
+    So torch.manual_seed and a restored RNG state give the same words, and numpy's generator fills them in
+    half the time of torch's CPU `random_` (BENCHMARKS.md, "CPU: the bf16 path").
+    """
+    seed = torch.empty((), dtype=torch.int64).random_(-(1 << 63), None).item() & ((1 << 64) - 1)
+    return torch.from_numpy(np.random.SFC64(seed).random_raw(n).view(np.int64))
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
