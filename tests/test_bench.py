@@ -5,7 +5,6 @@ No timing is asserted here: the numbers live in BENCHMARKS.md, measured on purpo
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import math
@@ -15,7 +14,7 @@ import pytest
 import torch
 
 from fervit.cli import main
-from fervit.config import AugmentConfig
+from fervit.config import AugmentConfig, RunConfig, load_preset
 from fervit.data.images import normalize
 from fervit.errors import FervitError
 from tests.conftest import make_layout
@@ -238,10 +237,23 @@ def test_usual_pipeline_with_every_op_off_computes_fervits_eval_input(bench_extr
     identity = AugmentConfig(hflip=0.0, rotation=0.0, translate=0.0, scale=(1.0, 1.0), ratio=(1.0, 1.0),
                              brightness=0.0, contrast=0.0, erase_p=0.0)
     image = torch.randint(0, 256, (48, 48), dtype=torch.uint8)
-    usual = usual_train_transform(identity)(Image.fromarray(image.numpy()))
+    usual = usual_train_transform(RunConfig(augment=identity))(Image.fromarray(image.numpy()))
     torch.testing.assert_close(usual, normalize(image[None])[0], atol=1e-6, rtol=0)
-    full = usual_train_transform(dataclasses.replace(AugmentConfig()))(Image.fromarray(image.numpy()))
+    full = usual_train_transform(RunConfig())(Image.fromarray(image.numpy()))
     assert full.shape == (1, 48, 48) and full.min() >= -1 and full.max() <= 1
+
+
+def test_the_usual_pipeline_trains_on_the_side_fervit_trains_the_preset_on(bench_extras):
+    # a preset trained on 44 px crops: the usual pipeline on whole 48 px faces would do 1.19x the work, and the
+    # speed ratio would flatter fervit
+    from PIL import Image
+
+    from fervit.benchmark.pipelines import usual_train_transform
+
+    preset = load_preset("cpu_cnn")
+    assert preset.model.crop_size == 44
+    image = Image.fromarray(torch.randint(0, 256, (48, 48), dtype=torch.uint8).numpy())
+    assert usual_train_transform(preset)(image).shape == (1, 44, 44)
 
 
 def test_the_busy_process_runs_for_the_block_and_is_gone_after(monkeypatch):

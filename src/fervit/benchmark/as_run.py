@@ -88,7 +88,7 @@ def _child(args: argparse.Namespace) -> dict:
         images, labels = data.images[train], data.labels[train]
         return {"train_images_s": _images_s(preset, images, labels, args.steps, args.warmup)}
     files = ImageFiles(args.root, [data.paths[i] for i in train.tolist()], data.labels[train].tolist(),
-                       usual_train_transform(preset.augment))
+                       usual_train_transform(preset))
     model, optimizer, scheduler = usual_cpu_parts(preset, device)
     with UsualBatches(files, args.batch_size, args.workers, device, train=True) as usual:
         steps = usual_training(usual, model, model, optimizer, scheduler, preset, None)

@@ -61,7 +61,7 @@ def bench_model(name: str, preset: RunConfig, cfg: BenchConfig, device, images, 
     fervit = train_row(bs * steps / best_seconds(lambda: fervit_steps(steps), cfg.repeats, device), device)
 
     stage(f"{name}: training, usual pipeline ({what}, {workers} workers)")
-    train_files.transform = usual_train_transform(preset.augment)
+    train_files.transform = usual_train_transform(preset)
     # the usual script on a CPU: fp32 and NCHW, its own model (fervit's step made this one channels_last);
     # on CUDA it keeps the same module and autocast, so there the pipelines differ only in how images arrive
     usual_amp, usual_model, usual_train = amp, model, train_model

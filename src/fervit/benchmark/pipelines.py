@@ -64,8 +64,13 @@ def torchvision_version() -> str | None:
     return torchvision.__version__
 
 
-def usual_train_transform(cfg: AugmentConfig, size: int = 48):
-    """The per-image training transform of the usual FER-2013 pipeline, with fervit's ranges."""
+def usual_train_transform(preset: RunConfig):
+    """The per-image training transform of the usual FER-2013 pipeline, with the preset's augmentation ranges.
+
+    Its images have the side fervit trains the preset on (its crop, else the whole face), so that both
+    pipelines feed the model the same pixels and a ratio of their speeds measures the pipelines alone.
+    """
+    cfg, size = preset.augment, preset.model.trained_side()
     T = torchvision_transforms()
     return T.Compose([
         T.RandomHorizontalFlip(p=cfg.hflip),

@@ -37,7 +37,7 @@ from fervit.benchmark.pipelines import (ImageFiles, UsualBatches, index_batches,
                                         torchvision_transforms, torchvision_version, usual_eval_transform,
                                         usual_train_transform)
 from fervit.benchmark.step_modes import step_rows
-from fervit.config import AugmentConfig, load_preset
+from fervit.config import AugmentConfig, RunConfig, load_preset
 from fervit.data.augment import augment_batch
 from fervit.data.dataset import LAYOUT_HINT, load_fer
 from fervit.errors import FervitError
@@ -105,7 +105,8 @@ def run_benchmark(root: str | Path, cfg: BenchConfig, device: torch.device, cach
     batches = max((cfg.data_images or len(train_idx)) // bs, 1)
     stages.next(f"data path alone: {batches} batches of {bs}, fervit, kornia and usual "
                 f"({workers} workers), best of {cfg.repeats}")
-    aug = AugmentConfig()
+    whole_faces = RunConfig()  # the data path alone is timed on whole 48 px faces, every pipeline alike
+    aug = whole_faces.augment
 
     def fervit_data(k: int) -> None:
         for idx in index_batches(train_dev, k, bs, gen):
@@ -123,7 +124,7 @@ def run_benchmark(root: str | Path, cfg: BenchConfig, device: torch.device, cach
         if key == "usual_few" and n_workers == workers:  # the same measurement again: keep the first one
             data_path[key] = dict(data_path["usual"])
             continue
-        with UsualBatches(files(train_idx, usual_train_transform(aug)), bs, n_workers, device, train=True) as usual:
+        with UsualBatches(files(train_idx, usual_train_transform(whole_faces)), bs, n_workers, device, train=True) as usual:
             usual.take(1)  # worker start-up is not timed
             data_path[key] = {"images_s": batches * bs / best_seconds(lambda: usual.take(batches), cfg.repeats,
                                                                       device), "workers": n_workers}
