@@ -120,11 +120,12 @@ def run_benchmark(root: str | Path, cfg: BenchConfig, device: torch.device, cach
     for name, fn in (("fervit", fervit_data), ("kornia", kornia_data)):
         fn(1)
         data_path[name] = {"images_s": batches * bs / best_seconds(lambda: fn(batches), cfg.repeats, device)}
+    whole_face_transform = usual_train_transform(whole_faces)
     for key, n_workers in (("usual", workers), ("usual_few", few)):
         if key == "usual_few" and n_workers == workers:  # the same measurement again: keep the first one
             data_path[key] = dict(data_path["usual"])
             continue
-        with UsualBatches(files(train_idx, usual_train_transform(whole_faces)), bs, n_workers, device, train=True) as usual:
+        with UsualBatches(files(train_idx, whole_face_transform), bs, n_workers, device, train=True) as usual:
             usual.take(1)  # worker start-up is not timed
             data_path[key] = {"images_s": batches * bs / best_seconds(lambda: usual.take(batches), cfg.repeats,
                                                                       device), "workers": n_workers}
